@@ -56,9 +56,10 @@ def paper_form(z, f, down_w, down_b, up_w, up_b, logits, mixing: str) -> torch.T
 
 
 def folded_form(z, h, w2, b2, down_w, down_b, up_w, up_b, logits, mixing: str,
-                f: Optional[torch.Tensor] = None) -> torch.Tensor:
+                f: Optional[torch.Tensor] = None, return_f: bool = False):
     """Three GEMMs: [W2 | Wdown] on h, gate-scaled GELU, stacked Wup. ``z is h`` enables the
-    shared first GEMM; otherwise (adapters read x) f is W2 h on its own (or given as ``f``)."""
+    shared first GEMM; otherwise (adapters read x) f is W2 h on its own (or given as ``f``).
+    ``return_f=True`` returns (y, f), f being the FFN output without adapters."""
     K, r, _ = down_w.shape
     D = up_w.shape[1]
     dw = down_w.reshape(K * r, -1)
@@ -78,6 +79,5 @@ def folded_form(z, h, w2, b2, down_w, down_b, up_w, up_b, logits, mixing: str,
     B, T = pre.shape[:2]
     s = (F.gelu(pre).view(B, T, K, r) * gk.unsqueeze(-1)).view(B, T, K * r)
     up = F.linear(s, up_w.permute(1, 0, 2).reshape(D, K * r)) + gk @ up_b   # (B, T, D)
-    if mixing == "paper":
-        return g[..., K:] * f + up
-    return f + up
+    y = g[..., K:] * f + up if mixing == "paper" else f + up
+    return (y, f) if return_f else y

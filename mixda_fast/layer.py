@@ -121,6 +121,9 @@ class MixDAFFN(nn.Module):
         self.mixda_config = config
         self.formulation = "folded"
         self.adapters_enabled = True
+        # When a list, each forward appends (y, f): the output and the same input's output with
+        # the adapters off (both before the host's post-FFN dropout), for the old-knowledge loss.
+        self.capture: Optional[list] = None
         up_w, _ = linear_weight(self._sub(spec.up))
         down_w, _ = linear_weight(self._down())
         self.hidden_size, self.intermediate_size = down_w.shape[0], down_w.shape[1]
@@ -189,10 +192,13 @@ class MixDAFFN(nn.Module):
             params = self.stacked_adapter_params()
             mixing = self.mixda_config.mixing
             if self.formulation == "paper":
-                y = paper_form(z, down(h), *params, logits, mixing)
+                f = down(h)
+                y = paper_form(z, f, *params, logits, mixing)
             else:
                 w2, b2 = linear_weight(down)
-                y = folded_form(z, h, w2, b2, *params, logits, mixing)
+                y, f = folded_form(z, h, w2, b2, *params, logits, mixing, return_f=True)
+            if self.capture is not None:
+                self.capture.append((y, f))
         y = self._post(y)
         return y.squeeze(0) if squeeze else y
 
