@@ -5,14 +5,16 @@
     MAX_JOBS=2 ...                                 # parallel compile jobs (ninja)
 
 CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*) are added
-when torch is a CUDA build and a CUDA toolkit is found; otherwise one line says why they were
-skipped. MIXDA_FAST_CPU_ARCH picks the x86 vector ISA of the CPU kernels (see _cpu_arch_flags).
-No network or git access at build time.
+when torch is a CUDA build and a CUDA toolkit of the same major version is found, unless
+MIXDA_FAST_NO_CUDA=1; otherwise one line says why they were skipped. MIXDA_FAST_CPU_ARCH picks the
+x86 vector ISA of the CPU kernels (see _cpu_arch_flags). No network or git access at build time.
 """
 
 import glob
 import os
 import platform
+import re
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -20,6 +22,7 @@ NAME = "mixda-fast"
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get("MIXDA_FAST_NO_EXT", "0") not in ("", "0")
+NO_CUDA = os.environ.get("MIXDA_FAST_NO_CUDA", "0") not in ("", "0")
 CPU_ARCHS = ("auto", "x86-64-v3", "native", "baseline")
 
 
@@ -56,6 +59,33 @@ def _cpu_arch_flags(torch):
     return avx2 if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else []
 
 
+def _toolkit_version(cuda_home):
+    """'13.0' from `nvcc --version` of the toolkit at cuda_home, or None if that fails."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def _cuda_skip_reason(torch, cuda_home):
+    """Why the CUDA sources cannot be built here, or None if they can."""
+    if NO_CUDA:
+        return f"MIXDA_FAST_NO_CUDA={os.environ['MIXDA_FAST_NO_CUDA']} is set"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)"
+    if cuda_home is None:
+        return f"torch {torch.__version__} has CUDA {torch.version.cuda} but no CUDA toolkit was found (set CUDA_HOME)"
+    toolkit = _toolkit_version(cuda_home)
+    if toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch's BuildExtension would stop with an error; build the CPU kernels instead.
+        return (f"the CUDA toolkit at {cuda_home} is {toolkit} but torch {torch.__version__} was built with "
+                f"CUDA {torch.version.cuda} (major versions must match)")
+    return None
+
+
 def get_extensions():
     """The one extension module, mixda_fast._C, or none when MIXDA_FAST_NO_EXT=1."""
     if NO_EXT:
@@ -76,12 +106,7 @@ def get_extensions():
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
                   py_limited_api=True)
 
-    if torch.version.cuda is None:
-        skip = f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)"
-    elif CUDA_HOME is None:
-        skip = f"torch {torch.__version__} has CUDA {torch.version.cuda} but no CUDA toolkit was found (set CUDA_HOME)"
-    else:
-        skip = None
+    skip = _cuda_skip_reason(torch, CUDA_HOME)
     if skip:
         print(f"mixda_fast: CUDA sources skipped: {skip}")
         return [CppExtension("mixda_fast._C", sources, **kwargs)]
