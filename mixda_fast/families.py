@@ -41,6 +41,9 @@ class FamilySpec:
     """Gated MLPs (Llama): h = act(gate_proj(x)) * up(x)."""
     post: Optional[str] = None
     """A module the host applies right after ``down`` inside ``ffn`` (GPT-2's dropout)."""
+    attn_out: Optional[str] = None
+    """The attention block's output projection, relative to the layer (where a Houlsby task
+    adapter goes, :mod:`mixda_fast.training.task_adapters`); None when unknown."""
 
     def rel(self, path: str) -> str:
         """``path`` relative to the ffn module; '' when it is outside it."""
@@ -49,11 +52,12 @@ class FamilySpec:
 
 
 _BERT = FamilySpec(layers="encoder.layer", ffn="intermediate", up="intermediate.dense",
-                   act="intermediate.intermediate_act_fn", down="output.dense")
+                   act="intermediate.intermediate_act_fn", down="output.dense",
+                   attn_out="attention.output.dense")
 _GPT2 = FamilySpec(layers="h", ffn="mlp", up="mlp.c_fc", act="mlp.act", down="mlp.c_proj",
-                   post="mlp.dropout")
+                   post="mlp.dropout", attn_out="attn.c_proj")
 _LLAMA = FamilySpec(layers="layers", ffn="mlp", up="mlp.up_proj", act="mlp.act_fn",
-                    down="mlp.down_proj", gate_proj="mlp.gate_proj")
+                    down="mlp.down_proj", gate_proj="mlp.gate_proj", attn_out="self_attn.o_proj")
 
 FAMILIES: dict[str, FamilySpec] = {
     "bert": _BERT,
