@@ -24,6 +24,16 @@ __all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "GateCon
 logger = logging.getLogger(__name__)
 
 
+def mark_hf_initialized(module: nn.Module) -> None:
+    """Flag every submodule and parameter as initialised, so a later HuggingFace
+    ``initialize_weights()`` / ``post_init()`` (which re-inits unflagged modules one by one) leaves
+    them alone: the released MixDA code lost its zero up-projection that way."""
+    for m in module.modules():
+        m._is_hf_initialized = True
+    for p in module.parameters():
+        p._is_hf_initialized = True
+
+
 class DomainAdapter(nn.Module):
     """a = Wup GELU(Wdown z + bdown) + bup (Houlsby-style bottleneck, no residual of its own)."""
 
@@ -32,8 +42,8 @@ class DomainAdapter(nn.Module):
         super().__init__()
         self.down = nn.Linear(in_features, bottleneck, device=device, dtype=dtype)
         self.up = nn.Linear(bottleneck, out_features, device=device, dtype=dtype)
-        self._is_hf_initialized = True  # HF's init must not overwrite the zero up-projection
         self.reset_parameters(init)
+        mark_hf_initialized(self)  # HF's init must not overwrite the zero up-projection
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -66,7 +76,7 @@ class MixDAGate(nn.Sequential):
             mods.append(nn.Linear(width, out, device=device, dtype=dtype))
             width = out
         super().__init__(*mods)
-        self._is_hf_initialized = True
+        mark_hf_initialized(self)
 
 
 class GateContext:

@@ -262,6 +262,18 @@ def test_real_minilm_checkpoint():
     assert torch.equal(_out(model, inputs), before)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_hf_weight_init_leaves_adapters_alone(family):
+    model = tiny_model(family)
+    mf.patch_model(model, mf.MixDAConfig(num_domains=2, layers=[0]))
+    layer = mf.mixda_modules(model)[0]
+    before = {n: p.clone() for n, p in layer.named_parameters() if "base_layer" not in n}
+    model.initialize_weights()
+    model.apply(model._initialize_weights)
+    assert all(torch.equal(layer.get_parameter(n), p) for n, p in before.items())
+    assert all(torch.count_nonzero(a.up.weight) == 0 for a in layer.adapters.values())
+
+
 def test_mlp_bypass_keeps_parameters_registered_once():
     model = tiny_model("bert")
     n_before = sum(1 for _ in model.named_parameters())
