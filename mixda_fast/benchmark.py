@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 __all__ = ["SHAPES", "DTYPES", "CONTENDERS", "CaseSpec", "DEFAULT_CASES", "Case", "interleaved_medians",
            "peak_flops", "build_case", "run_layer_bench", "format_table", "format_targets",
-           "check_targets", "plot_rows", "main"]
+           "check_targets", "profile_case", "plot_rows", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -307,13 +307,15 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
                     gate: str = "sequence", training: bool = False, reps: int = 5, *,
                     cases: Optional[Sequence[CaseSpec]] = None, modes: Optional[Sequence[str]] = None,
                     contenders: Optional[Sequence[str]] = None, warmup: int = 1, min_time: float = 1.0,
-                    peak_n: int = PEAK_N, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+                    peak_n: int = PEAK_N, progress: Optional[Callable[[str], None]] = None,
+                    on_case: Optional[Callable[[Case], None]] = None) -> list[dict]:
     """Time every contender of each case, interleaved; one row (dict) per case and contender.
 
     ``cases`` (a list of :class:`CaseSpec`) overrides the grid shapes x dtypes x domains x tokens
     x modes (``modes`` None: "training" if ``training`` else "inference"). Row fields: shape, dtype,
     K, tokens, mode, gate, contender (key), label, ms, gflops, frac_peak, overhead (t / t plain),
     fused_speedup (t / t fused), floor (t / weight-bytes floor, decode only), compile_s, peak_gflops.
+    ``on_case(case)`` runs after each case's timing, inside its grad mode (e.g. to profile it).
     """
     from . import ops
 
@@ -346,6 +348,8 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
                     peak_fn, peak_f = _peak_gemm(DTYPES[spec.dtype], peak_n)
                     fns["_peak"] = peak_fn
                 times = interleaved_medians(fns, reps=reps, warmup=warmup, min_time=min_time)
+                if on_case is not None:
+                    on_case(case)
             peak = peak_f / times.pop("_peak") if in_loop_peak else peaks[spec.dtype]
             rows.extend(_rows_of(case, times, peak, peak_n))
     finally:
@@ -453,6 +457,26 @@ def format_targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_case(case: Case, contenders: Sequence[str] = ("fused",), calls: int = 2, top: int = 15) -> str:
+    """torch.profiler tables (ops by self CPU time, ``calls`` calls after one warm-up) of some
+    contenders of a built case; call inside the case's grad mode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for name in contenders:
+        fn = case.fns.get(name)
+        if fn is None:
+            continue
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+        s = case.spec
+        out.append(f"profile: {s.shape} {s.dtype} K={s.domains} {s.tokens} {s.mode}, {case.labels[name]}, "
+                   f"{calls} calls\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    return "\n".join(out)
+
+
 def plot_rows(rows: list[dict], path: str) -> str:
     """Bar charts: fraction of peak per case (with the targets) and, for decode cases, time over
     the weight-bytes floor. Writes a PNG at ``path`` and returns it."""
@@ -552,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 rounds, 1x128 instead of 8x128, no torch.compile, no training step "
                         "unless asked for")
+    p.add_argument("--profile", nargs="*", choices=list(CONTENDERS), default=None,
+                   help="after each case, print a torch.profiler table of these contenders (default: fused)")
     p.add_argument("--peak-n", type=int, default=PEAK_N, help=argparse.SUPPRESS)
     return p
 
@@ -580,6 +606,15 @@ def _specs_from_args(args: argparse.Namespace) -> list[CaseSpec]:
                             args.tokens or default_tokens, args.gate, modes or ["inference"], contenders)
 
 
+def _load() -> str:
+    """The machine's load averages (other processes' share of the cores skews every timing)."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -591,20 +626,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f"mixda_fast layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"kernels {'built' if ops.kernels_available() else 'NOT built'}, {len(specs)} cases, "
-          f"{reps} rounds (+1 warm-up), medians, interleaved", flush=True)
+          f"{reps} rounds (+1 warm-up), medians, interleaved; {_load()}", flush=True)
     print(f"fraction of peak = layer GEMM FLOP/s / FLOP/s of a {args.peak_n}^3 GEMM (x @ W^T) of the same dtype, "
           f"same run; training step = forward + backward, host frozen, FLOPs = 2 FFN + 3 (adapters + gate)",
           flush=True)
     t0 = time.perf_counter()
+    profiles: list[str] = []
+    on_case = None
+    if args.profile is not None:
+        def on_case(case: Case) -> None:
+            profiles.append(profile_case(case, args.profile or ("fused",)))
     rows = run_layer_bench(cases=specs, reps=reps, warmup=1, min_time=min_time, peak_n=args.peak_n,
-                           progress=lambda s: print("  " + s, file=sys.stderr, flush=True))
+                           progress=lambda s: print("  " + s, file=sys.stderr, flush=True), on_case=on_case)
     print()
     print(format_table(rows))
     print()
     print(format_targets(rows))
+    for text in profiles:
+        print("\n" + text)
     if not args.no_plot:
         print(f"\nplot: {plot_rows(rows, args.plot)}")
-    print(f"took {time.perf_counter() - t0:.0f} s")
+    print(f"took {time.perf_counter() - t0:.0f} s; {_load()}")
     return 0
 
 
