@@ -10,6 +10,8 @@ See README.md and DESIGN.md; ``python -m mixda_fast.info`` says which kernels we
 from .config import MixDAConfig
 from .families import FAMILIES, FamilySpec, register_family
 from .layer import MixDAFFN
+from .mode import (MoDEBlock, MoDEConfig, compose_experts, experts_disabled, gate_forced, load_experts,
+                   mode_blocks, save_experts)
 from .ops import get_backend, kernels_available, set_backend
 from .patching import adapters_disabled, is_patched, mixda_modules, patch_model, unpatch_model
 from .saving import AdapterFileNotFoundError, load_adapters, save_adapters
@@ -23,4 +25,6 @@ __all__ = [
     "save_adapters", "load_adapters", "AdapterFileNotFoundError",
     "mark_trainable", "count_parameters",
     "kernels_available", "set_backend", "get_backend", "__version__",
+    "MoDEConfig", "MoDEBlock", "mode_blocks", "experts_disabled", "gate_forced",
+    "save_experts", "load_experts", "compose_experts",
 ]

@@ -46,14 +46,21 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, _STATE, None), _PatchState)
+    """True when ``model`` carries a MixDA or a MoDE patch."""
+    from .mode.patching import is_mode_patched
+
+    return isinstance(getattr(model, _STATE, None), _PatchState) or is_mode_patched(model)
 
 
 def _state(model: nn.Module, fn: str) -> _PatchState:
-    if not is_patched(model):
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _PatchState):
+        if is_patched(model):
+            raise ValueError(f"{fn}: model={type(model).__name__} is patched with MoDE, not MixDA; use the MoDE "
+                             "functions (mixda_fast.mode_blocks, save_experts, ...)")
         raise ValueError(f"{fn}: model={type(model).__name__} is not patched: call "
                          "mixda_fast.patch_model(model, config) first")
-    return getattr(model, _STATE)
+    return state
 
 
 def _resolve_layers(requested, n_layers: int) -> list[int]:
@@ -101,8 +108,9 @@ class _MaskCapture:
                 base.register_forward_hook(self.post, with_kwargs=True, always_call=True)]
 
 
-def patch_model(model: nn.Module, config: MixDAConfig) -> nn.Module:
-    """Add MixDA domain adapters and a gate to the FFNs that ``config.layers`` chooses, in place.
+def patch_model(model: nn.Module, config) -> nn.Module:
+    """Add MixDA domain adapters and a gate to the FFNs that ``config.layers`` chooses, in place;
+    with a :class:`~mixda_fast.MoDEConfig`, add MoDE expert blocks instead (mixda_fast.mode).
 
     Returns ``model``. The base weights are untouched (freeze them with
     :func:`mixda_fast.mark_trainable`). Raises TypeError/ValueError naming the argument on bad
@@ -111,11 +119,18 @@ def patch_model(model: nn.Module, config: MixDAConfig) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model: model={type(model).__name__} is not accepted: expected a torch.nn.Module "
                         "(a HuggingFace PreTrainedModel)")
-    if not isinstance(config, MixDAConfig):
-        raise TypeError(f"patch_model: config={config!r} is not accepted: expected a mixda_fast.MixDAConfig")
+    from .mode.config import MoDEConfig
+
+    if not isinstance(config, (MixDAConfig, MoDEConfig)):
+        raise TypeError(f"patch_model: config={config!r} is not accepted: expected a mixda_fast.MixDAConfig "
+                        "or a mixda_fast.MoDEConfig")
     if is_patched(model):
         raise ValueError("patch_model: model is already patched; call mixda_fast.unpatch_model(model) "
                          "before patching it again")
+    if isinstance(config, MoDEConfig):
+        from .mode.patching import patch_mode
+
+        return patch_mode(model, config)
     model_type, spec = family_of(model)
     base = base_model_of(model)
     try:
@@ -170,6 +185,10 @@ def _undo(state: _PatchState) -> None:
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Put every original module back and drop the adapters; the model computes exactly what it
     computed before :func:`patch_model`. Returns ``model``."""
+    from .mode.patching import is_mode_patched, unpatch_mode
+
+    if is_mode_patched(model):
+        return unpatch_mode(model)
     state = _state(model, "unpatch_model")
     _undo(state)
     delattr(model, _STATE)

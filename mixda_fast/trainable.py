@@ -31,8 +31,16 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -
       adapters (plus the gates).
     - ``"task"``: gates, task adapters and the task head (stage 2; domain adapters frozen).
     - ``"none"``: nothing trains (inference). ``"all"``: everything (full fine-tuning baseline).
-    Returns ``model``.
+    Returns ``model``. A MoDE-patched model has the stages "domain" (experts + gates), "compose"
+    (gates, + experts unless ``MoDEConfig.freeze_experts``), "none" and "all"
+    (:mod:`mixda_fast.mode.trainable`).
     """
+    from .mode.patching import is_mode_patched
+
+    if isinstance(model, nn.Module) and is_mode_patched(model):
+        from .mode.trainable import mark_trainable_mode
+
+        return mark_trainable_mode(model, stage, domain)
     if stage not in STAGES:
         raise ValueError(f"mark_trainable: stage={stage!r} is not accepted: expected one of "
                          f"{' | '.join(repr(s) for s in STAGES)}")

@@ -1,0 +1,20 @@
+"""MoDE: modular domain experts beside blocks of the frozen model (Schafhalter et al.,
+arXiv 2410.10181; DESIGN.md section 3).
+
+    config = mixda_fast.MoDEConfig(num_blocks=3, expert_layers=2, domains=["bio"])
+    mixda_fast.patch_model(model, config)          # stage 1: one expert per domain
+    mixda_fast.mark_trainable(model, "domain")     # expert + gates train
+    mixda_fast.save_experts(model, "bio.safetensors", domain="bio")
+    ...
+    model = mixda_fast.compose_experts(fresh_model, ["bio.safetensors", "law.safetensors"])
+    mixda_fast.mark_trainable(model, "compose")    # stage 2: gates (+ experts unless frozen)
+"""
+
+from .block import MoDEBlock
+from .config import MoDEConfig
+from .patching import experts_disabled, gate_forced, is_mode_patched, mode_blocks
+from .saving import compose_experts, load_experts, read_expert_metadata, save_experts
+from .trainable import MODE_STAGES
+
+__all__ = ["MoDEConfig", "MoDEBlock", "mode_blocks", "is_mode_patched", "experts_disabled", "gate_forced",
+           "save_experts", "load_experts", "compose_experts", "read_expert_metadata", "MODE_STAGES"]

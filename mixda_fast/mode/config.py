@@ -1,0 +1,130 @@
+"""Configuration of a MoDE patch (Schafhalter et al., arXiv 2410.10181, section 3; DESIGN.md section 3).
+
+A :class:`MoDEConfig` says how the model's L layers are cut into blocks, how many experts sit
+beside each block, how deep each expert is and how it starts. It is validated when it is built
+(``ValueError``/``TypeError`` naming the field, the value and what is accepted) and saved as JSON
+next to the expert weights it describes. Whether ``num_blocks`` divides the model's depth is
+checked by :func:`mixda_fast.patch_model`, which knows the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+__all__ = ["MoDEConfig", "EXPERT_INITS", "EXECUTIONS"]
+
+EXPERT_INITS = ("copy", "random")
+EXECUTIONS = ("batched", "loop")
+
+
+def _fail(name: str, value: Any, accepted: str, exc=ValueError):
+    raise exc(f"MoDEConfig.{name}={value!r} is not accepted: expected {accepted}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not _is_int(value):
+        _fail(name, value, "an int >= 1", TypeError)
+    if value < 1:
+        _fail(name, value, "an int >= 1")
+
+
+@dataclass
+class MoDEConfig:
+    """Blocks, experts and gates of a MoDE patch. Defaults follow the paper (B = 3, L_e = 2).
+
+    Stage 1 trains one expert per domain (``num_experts=1``, the default); stage 2 composes N
+    saved experts (:func:`mixda_fast.compose_experts` builds the config from the files). Expert
+    names (``domains``) key the experts in saved files; without them they are ``expert_0 ..``.
+    """
+
+    num_blocks: int = 3
+    """B: the L layers are cut into B contiguous blocks of L / B layers (B must divide L)."""
+    num_experts: Optional[int] = None
+    """N >= 1 experts beside every block (default 1, or len(domains))."""
+    domains: Optional[Sequence[str]] = None
+    """Names of the N experts, one per domain (unique, non-empty, no '.')."""
+    expert_layers: int = 2
+    """L_e: each expert is a stack of this many layers of the model's own layer class."""
+    expert_init: str = "copy"
+    """"copy": expert layer k of block i starts as a copy of backbone layer
+    ``start_i + (k * (L / B)) // L_e`` (the block's own layers when L_e = L / B, evenly spaced ones
+    otherwise); "random": freshly built layers with the model's own initialisation. "copy" is the
+    default because a random expert mixed in by an untrained gate pushes the model far from what
+    it knew; the paper's choice is not stated."""
+    freeze_experts: bool = False
+    """Stage 2 (composition): True trains the gates only, False the gates and the experts."""
+    execution: str = "batched"
+    """"batched": per depth, the N experts' FFN GEMMs run as one batched GEMM over stacked
+    weights and the gate uses the fused softmax-combine op (the fast path); "loop": every expert
+    layer runs on its own and the mixture is the plain-torch formula (the reference). They agree
+    to float rounding; the bench compares their speed."""
+    extra: dict = field(default_factory=dict)
+    """Free-form user metadata, saved with the experts."""
+
+    def __post_init__(self) -> None:
+        _positive_int("num_blocks", self.num_blocks)
+        _positive_int("expert_layers", self.expert_layers)
+        if self.num_experts is not None:
+            _positive_int("num_experts", self.num_experts)
+        if self.domains is not None:
+            if isinstance(self.domains, str) or not isinstance(self.domains, (list, tuple)):
+                _fail("domains", self.domains, "a list of expert (domain) names (str)", TypeError)
+            names = list(self.domains)
+            if not names:
+                _fail("domains", self.domains, "at least one name")
+            for n in names:
+                if not isinstance(n, str):
+                    _fail("domains", self.domains, "non-empty str names without '.'", TypeError)
+                if not n or "." in n:
+                    _fail("domains", self.domains, "non-empty str names without '.'")
+            if len(set(names)) != len(names):
+                _fail("domains", self.domains, "unique names")
+            if self.num_experts is not None and self.num_experts != len(names):
+                _fail("num_experts", self.num_experts, f"len(domains) = {len(names)} when both are given")
+            self.domains = names
+            self.num_experts = len(names)
+        else:
+            if self.num_experts is None:
+                self.num_experts = 1
+            self.domains = [f"expert_{j}" for j in range(self.num_experts)]
+        for name, choices in (("expert_init", EXPERT_INITS), ("execution", EXECUTIONS)):
+            value = getattr(self, name)
+            if value not in choices:
+                _fail(name, value, " | ".join(repr(c) for c in choices),
+                      ValueError if isinstance(value, str) else TypeError)
+        if not isinstance(self.freeze_experts, bool):
+            _fail("freeze_experts", self.freeze_experts, "True or False", TypeError)
+        if not isinstance(self.extra, dict):
+            _fail("extra", self.extra, "a dict", TypeError)
+
+    @property
+    def gate_width(self) -> int:
+        """Softmax width of every gate: N experts + the backbone."""
+        return self.num_experts + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoDEConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"MoDEConfig.from_dict: data={data!r} is not accepted: expected a dict")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MoDEConfig.from_dict: unknown fields {unknown}; accepted fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MoDEConfig":
+        return cls.from_dict(json.loads(text))

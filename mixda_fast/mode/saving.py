@@ -1,0 +1,306 @@
+"""Saving, loading and composing MoDE experts: one safetensors file, the config in its metadata.
+
+Stage 1 trains one expert per domain and saves it with :func:`save_experts` (``domain=...``): the
+file holds that expert's layers in every block and its two gate rows (expert, backbone). Stage 2
+builds an (N+1)-way model from N such files with :func:`compose_experts`. ``domain=None`` saves
+or loads the whole patch (every expert and the full gates). Loading checks the family, the layer
+class, the depth, the width, the blocks and the expert depth strictly and says what differs;
+files are written to a temporary name and renamed (mixda_fast.saving's house style).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..saving import AdapterFileNotFoundError, _as_path, _unlink_quietly
+from .config import MoDEConfig
+from .patching import mode_blocks, mode_state
+
+__all__ = ["save_experts", "load_experts", "compose_experts", "read_expert_metadata", "FORMAT"]
+
+FORMAT = "mixda_fast.mode/1"
+
+
+def _file_name(domain: Optional[str]) -> str:
+    return "mode_experts.safetensors" if domain is None else f"mode_expert_{domain}.safetensors"
+
+
+def _check_domain(model: nn.Module, domain, fn: str) -> None:
+    if domain is None:
+        return
+    names = mode_state(model, fn).config.domains
+    if not isinstance(domain, str) or domain not in names:
+        raise ValueError(f"{fn}: domain={domain!r} is not accepted: the model's experts are {list(names)}")
+
+
+def _expert_tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.Tensor]:
+    """File key -> live tensor for the expert layers the file holds (gates are handled apart)."""
+    out = {}
+    for i, block in enumerate(mode_blocks(model)):
+        for name, expert in block.experts.items():
+            if domain is not None and name != domain:
+                continue
+            prefix = f"blocks.{i}.experts.{name}." if domain is None else f"blocks.{i}.expert."
+            for key, t in expert.state_dict(keep_vars=True).items():
+                out[prefix + key] = t
+    return out
+
+
+def _metadata(model: nn.Module, kind: str, domain: Optional[str]) -> dict[str, str]:
+    state = mode_state(model)
+    return {"format": FORMAT, "kind": kind, "model_type": state.model_type, "layer_class": state.layer_class,
+            "num_layers": str(state.num_layers), "hidden_size": str(state.hidden_size),
+            "config": state.config.to_json(), "domain": domain or ""}
+
+
+def _write(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None) -> Path:
+    """Write the MoDE experts of a patched model to ``path``.
+
+    ``domain=None``: every expert and the full (N+1)-way gates; ``domain="name"``: that expert's
+    layers in every block and its gate rows (expert row, backbone row) -- what stage 1 produces
+    and :func:`compose_experts` reads. ``path`` is a file, or an existing directory (then
+    ``mode_experts.safetensors`` or ``mode_expert_<domain>.safetensors`` inside it). Returns the
+    file written.
+    """
+    path = _as_path(path, "save_experts")
+    _check_domain(model, domain, "save_experts")
+    if path.is_dir():
+        path = path / _file_name(domain)
+    if not path.parent.is_dir():
+        raise ValueError(f"save_experts: path={str(path)!r} is not accepted: folder {str(path.parent)!r} does not exist")
+    tensors = {k: t.detach().contiguous().cpu() for k, t in _expert_tensors(model, domain).items()}
+    names = mode_state(model).config.domains
+    for i, block in enumerate(mode_blocks(model)):
+        w, b = block.gate.weight.detach(), block.gate.bias.detach()
+        if domain is not None:
+            rows = [names.index(domain), len(names)]
+            w, b = w[rows], b[rows]
+        tensors[f"blocks.{i}.gate.weight"] = w.contiguous().cpu()
+        tensors[f"blocks.{i}.gate.bias"] = b.contiguous().cpu()
+    return _write(tensors, _metadata(model, "all" if domain is None else "expert", domain), path)
+
+
+def _resolve(path, fn: str, domain: Optional[str] = None) -> Path:
+    path = _as_path(path, fn)
+    if path.is_dir():
+        candidates = [p for p in (path / _file_name(domain), path / _file_name(None)) if p.exists()]
+        path = candidates[0] if candidates else path / _file_name(domain)
+    return path
+
+
+def _read(path: Path, fn: str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not path.exists():
+        raise AdapterFileNotFoundError(2, f"{fn}: path={str(path)!r} does not exist; expected a file written by "
+                                          "mixda_fast.save_experts", str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{fn}: path={str(path)!r} is not a readable safetensors file "
+                         f"(truncated or not safetensors): {e}") from None
+    if meta.get("format") != FORMAT:
+        hint = " (a MixDA adapter file: load it with mixda_fast.load_adapters)" \
+            if str(meta.get("format", "")).startswith("mixda_fast.adapters") else ""
+        raise ValueError(f"{fn}: path={str(path)!r} has format={meta.get('format')!r}; expected a MoDE expert "
+                         f"file with format={FORMAT!r}{hint}")
+    if meta.get("kind") not in ("all", "expert"):
+        raise ValueError(f"{fn}: path={str(path)!r} has kind={meta.get('kind')!r}; expected 'all' or 'expert'")
+    return meta, data
+
+
+def read_expert_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The metadata of a MoDE expert file, with ``config`` parsed into a :class:`MoDEConfig`."""
+    meta, _ = _read(_resolve(path, "read_expert_metadata"), "read_expert_metadata", tensors=False)
+    meta = dict(meta)
+    meta["config"] = MoDEConfig.from_json(meta["config"])
+    return meta
+
+
+def _structure(meta: dict) -> dict:
+    cfg = MoDEConfig.from_json(meta["config"])
+    return {"family (model_type)": meta.get("model_type"), "layer class": meta.get("layer_class"),
+            "num_layers": meta.get("num_layers"), "hidden_size": meta.get("hidden_size"),
+            "num_blocks": cfg.num_blocks, "expert_layers": cfg.expert_layers}
+
+
+def _check_fits(model: nn.Module, meta: dict, where: str) -> None:
+    mine = _structure(_metadata(model, "all", None))
+    theirs = _structure(meta)
+    diffs = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
+    if diffs:
+        lines = "; ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(f"{where} does not fit this model: {lines}")
+
+
+def _check_tensors(targets: dict, tensors: dict, where: str) -> None:
+    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"{where}: tensor names differ; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, p in targets.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)}; the model expects {tuple(p.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: tensor {k!r} holds non-finite values (NaN or Inf)")
+
+
+def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None,
+                 gate: bool = True) -> nn.Module:
+    """Load a file written by :func:`save_experts` into a MoDE-patched model; returns ``model``.
+
+    A whole-patch file restores every expert and the gates (the expert names must match), or
+    with ``domain`` only that expert. A one-expert file is loaded into the slot ``domain``
+    (default: the name it was saved under); with ``gate=True`` its gate row goes to that slot's
+    row, and, when the model has one expert, its backbone row too (the stage-1 model exactly).
+    Raises ValueError naming what differs; on error nothing is changed.
+    """
+    state = mode_state(model, "load_experts")
+    _check_domain(model, domain, "load_experts")
+    path = _resolve(path, "load_experts", domain)
+    meta, tensors = _read(path, "load_experts")
+    where = f"load_experts: {str(path)!r}"
+    _check_fits(model, meta, where)
+    names = list(state.config.domains)
+    saved = MoDEConfig.from_json(meta["config"])
+    blocks = mode_blocks(model)
+    full_gates = meta["kind"] == "all" and domain is None   # copy the (N+1)-way gates as they are
+    gate_rows = []                                           # (gate, model rows, file weight, file bias)
+    gate_tensors = {k: v for k, v in tensors.items() if ".gate." in k}
+    tensors = {k: v for k, v in tensors.items() if ".gate." not in k}
+    if meta["kind"] == "all":
+        if domain is None:
+            if list(saved.domains) != names:
+                raise ValueError(f"{where} holds experts {list(saved.domains)}; the model has {names}")
+            targets = _expert_tensors(model, None)
+        else:
+            if domain not in saved.domains:
+                raise ValueError(f"{where} holds experts {list(saved.domains)}; domain={domain!r} is not among them")
+            prefix = f".experts.{domain}."
+            tensors = {k.replace(prefix, ".expert."): v for k, v in tensors.items() if prefix in k}
+            targets = {k.replace(prefix, ".expert."): v for k, v in _expert_tensors(model, domain).items()}
+    else:
+        if domain is None:
+            domain = meta.get("domain")
+            _check_domain(model, domain, f"{where} holds expert {domain!r};")
+        targets = {k.replace(f".experts.{domain}.", ".expert."): v
+                   for k, v in _expert_tensors(model, domain).items()}
+        if gate:
+            _check_tensors({f"blocks.{i}.gate.{p}": t for i, b in enumerate(blocks)
+                            for p, t in (("weight", b.gate.weight[:2]), ("bias", b.gate.bias[:2]))},
+                           gate_tensors, where)
+            rows = [names.index(domain), len(names)] if len(names) == 1 else [names.index(domain)]
+            for i, block in enumerate(blocks):
+                gate_rows.append((block.gate, rows, gate_tensors[f"blocks.{i}.gate.weight"],
+                                  gate_tensors[f"blocks.{i}.gate.bias"]))
+    _check_tensors(targets, tensors, where)
+    if full_gates:
+        _check_tensors({f"blocks.{i}.gate.{p}": t for i, b in enumerate(blocks)
+                        for p, t in (("weight", b.gate.weight), ("bias", b.gate.bias))}, gate_tensors, where)
+        for i, block in enumerate(blocks):
+            rows = list(range(len(names) + 1))
+            gate_rows.append((block.gate, rows, gate_tensors[f"blocks.{i}.gate.weight"],
+                              gate_tensors[f"blocks.{i}.gate.bias"]))
+    with torch.no_grad():
+        for k, p in targets.items():
+            p.copy_(tensors[k])
+        for g, rows, w, b in gate_rows:
+            g.weight[rows] = w[: len(rows)].to(g.weight)
+            g.bias[rows] = b[: len(rows)].to(g.bias)
+    for block in blocks:
+        block._stacked.clear()
+    return model
+
+
+def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], *,
+                    domains: Optional[Sequence[str]] = None, freeze_experts: Optional[bool] = None,
+                    execution: Optional[str] = None, gate_init: str = "saved") -> nn.Module:
+    """Stage 2: patch an unpatched ``model`` with the N experts saved (one per file, by
+    :func:`save_experts` with ``domain=...``) in ``paths``, behind fresh (N+1)-way gates.
+
+    The blocks and expert depth come from the files (which must agree with each other and with
+    the model); ``domains`` renames the experts (default: the names they were saved under, which
+    must then be unique). ``gate_init="saved"``: gate row j is expert j's row of its own stage-1
+    gate and the backbone row the mean of the files' backbone rows (with one file: the stage-1
+    model exactly); ``"uniform"``: all zeros (equal weights). Returns ``model``; on error the
+    model is left unpatched.
+    """
+    from ..patching import is_patched, patch_model, unpatch_model
+
+    if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)) or not paths:
+        raise TypeError(f"compose_experts: paths={paths!r} is not accepted: expected a non-empty list of expert files")
+    if gate_init not in ("saved", "uniform"):
+        raise ValueError(f"compose_experts: gate_init={gate_init!r} is not accepted: expected 'saved' | 'uniform'")
+    if is_patched(model):
+        raise ValueError("compose_experts: model is already patched; pass an unpatched model")
+    files = [_resolve(p, "compose_experts") for p in paths]
+    metas = []
+    for f in files:
+        meta, _ = _read(f, "compose_experts", tensors=False)
+        if meta["kind"] != "expert":
+            raise ValueError(f"compose_experts: {str(f)!r} holds a whole MoDE patch (kind='all'); expected one expert "
+                             "per file, saved with mixda_fast.save_experts(model, path, domain=...)")
+        metas.append(meta)
+    first = _structure(metas[0])
+    for f, meta in zip(files[1:], metas[1:]):
+        other = _structure(meta)
+        diffs = {k: (other[k], first[k]) for k in first if other[k] != first[k]}
+        if diffs:
+            lines = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diffs.items())
+            raise ValueError(f"compose_experts: {str(f)!r} does not fit {str(files[0])!r}: {lines}")
+    names = list(domains) if domains is not None else [m["domain"] for m in metas]
+    if len(names) != len(files):
+        raise ValueError(f"compose_experts: domains={list(names)!r} is not accepted: expected {len(files)} names, "
+                         "one per file")
+    if len(set(names)) != len(names):
+        raise ValueError(f"compose_experts: the files' expert names {names} are not unique; pass domains=[...]")
+    saved = MoDEConfig.from_json(metas[0]["config"])
+    config = MoDEConfig(num_blocks=saved.num_blocks, domains=names, expert_layers=saved.expert_layers,
+                        expert_init="copy",
+                        freeze_experts=saved.freeze_experts if freeze_experts is None else freeze_experts,
+                        execution=saved.execution if execution is None else execution, extra=dict(saved.extra))
+    patch_model(model, config)
+    try:
+        for f, name in zip(files, names):
+            load_experts(model, f, domain=name, gate=False)
+        with torch.no_grad():
+            for i, block in enumerate(mode_blocks(model)):
+                block.gate.weight.zero_()
+                block.gate.bias.zero_()
+                if gate_init == "uniform":
+                    continue
+                bb_w, bb_b = [], []
+                for j, f in enumerate(files):
+                    with safe_open(str(f), framework="pt") as h:
+                        w, b = h.get_tensor(f"blocks.{i}.gate.weight"), h.get_tensor(f"blocks.{i}.gate.bias")
+                    block.gate.weight[j] = w[0].to(block.gate.weight)
+                    block.gate.bias[j] = b[0].to(block.gate.bias)
+                    bb_w.append(w[1].float())
+                    bb_b.append(b[1].float())
+                block.gate.weight[-1] = torch.stack(bb_w).mean(0).to(block.gate.weight)
+                block.gate.bias[-1] = torch.stack(bb_b).mean(0).to(block.gate.bias)
+    except BaseException:
+        unpatch_model(model)
+        raise
+    return model
