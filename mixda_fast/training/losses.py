@@ -1,0 +1,136 @@
+"""The stage-1 losses (DESIGN.md section 2): L = lambda * L_knowledge + L_old.
+
+- ``knowledge_loss``: masked-LM cross-entropy on the labelled (masked) positions, or causal-LM
+  cross-entropy on the labelled next tokens. The LM head runs on the labelled positions only
+  (the vocabulary projection of every other position is work thrown away); the result equals
+  the model's own ``loss`` (a test checks it).
+- ``old_knowledge_loss``: mean-squared error between each patched layer's output y and the same
+  layer's output with its adapters switched off, f (detached), over non-padding tokens, averaged
+  over layers. Both come from one forward through :attr:`MixDAFFN.capture` (f is computed anyway).
+  The released code compared a tensor with itself, so its L_old was always 0.
+- ``Stage1Model``: the HF model plus both losses in one ``forward``, so that ``Trainer`` (and the
+  DDP wrapper accelerate puts around it) sees one module and one forward per step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..patching import base_model_of, is_patched, mixda_modules
+
+__all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "Stage1Model", "is_causal_lm"]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for causal LMs (GPT-2, Llama, ... ``*ForCausalLM``), False for masked LMs (BERT,
+    RoBERTa ``*ForMaskedLM``); other heads go by whether the family has a masked-LM class."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    name = type(model).__name__
+    if name in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
+        return False
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return True
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def lm_head_of(model: nn.Module) -> Optional[nn.Module]:
+    """The module that maps the base model's last hidden states to vocabulary logits (BERT:
+    ``cls``, RoBERTa/GPT-2/Llama: ``lm_head``), or None when it cannot be found."""
+    base = base_model_of(model)
+    get = getattr(model, "get_output_embeddings", None)
+    out_emb = get() if callable(get) else None
+    if base is model or out_emb is None:
+        return None
+    for child in model.children():
+        if child is base:
+            continue
+        if child is out_emb or any(m is out_emb for m in child.modules()):
+            return child
+    return None
+
+
+def knowledge_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose label is not -100 (causal: labels are the
+    tokens to predict; position t predicts label t + 1, as HF shifts them). 0 with no labels."""
+    head = lm_head_of(model)
+    if head is None:        # unknown layout: the model's own loss (logits at every position)
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = base_model_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]   # (B, T, D)
+    if causal:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    sel = labels != -100
+    if not bool(sel.any()):
+        return hidden.sum() * 0.0
+    logits = head(hidden[sel])                                   # (N, V)
+    return F.cross_entropy(logits.float(), labels[sel])
+
+
+def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean over patched layers of MSE(y, f.detach()) over non-padding tokens. ``captures``:
+    (y, f) pairs, each (B, T, D); ``attention_mask``: (B, T), 1 = real token."""
+    if not captures:
+        raise ValueError("old_knowledge_loss: captures is empty: no patched layer ran (is the model patched, "
+                         "with adapters enabled?)")
+    total = 0.0
+    for y, f in captures:
+        se = (y.float() - f.detach().float()).pow(2).mean(-1)    # (B, T)
+        if attention_mask is not None and attention_mask.shape == se.shape:
+            m = attention_mask.to(se.dtype)
+            total = total + (se * m).sum() / m.sum().clamp_min(1.0)
+        else:
+            total = total + se.mean()
+    return total / len(captures)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _stop(module, args, output):
+    raise _StopForward
+
+
+class Stage1Model(nn.Module):
+    """Wraps a patched (masked or causal) LM for stage 1; ``forward`` returns
+    ``{"loss_knowledge", "loss_old"}`` and ``Trainer.compute_loss`` weighs them.
+
+    The general-text pass for L_old stops right after the last patched layer: nothing above it
+    changes L_old, so the remaining layers are not run (same loss, less work)."""
+
+    def __init__(self, model: nn.Module, causal: Optional[bool] = None):
+        super().__init__()
+        if not is_patched(model):
+            raise ValueError("Stage1Model: model is not patched: call mixda_fast.patch_model(model, config) first")
+        self.model = model
+        self.causal = is_causal_lm(model) if causal is None else causal
+
+    def forward(self, input_ids, attention_mask, labels, old_input_ids=None, old_attention_mask=None):
+        lk = knowledge_loss(self.model, input_ids, attention_mask, labels, self.causal)
+        if old_input_ids is None:
+            return {"loss_knowledge": lk, "loss_old": lk.new_zeros(())}
+        return {"loss_knowledge": lk, "loss_old": self.old_loss(old_input_ids, old_attention_mask)}
+
+    def old_loss(self, input_ids, attention_mask) -> torch.Tensor:
+        mods = mixda_modules(self.model)
+        last = mods[max(mods)]
+        captures: list = []
+        for m in mods.values():
+            m.capture = captures
+        handle = last.register_forward_hook(_stop)
+        try:
+            base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+            for m in mods.values():
+                m.capture = None
+        return old_knowledge_loss(captures, attention_mask)

@@ -1,0 +1,212 @@
+"""HuggingFace ``Trainer`` for both MixDA stages (DESIGN.md section 2).
+
+``MixDATrainer`` is a plain ``transformers.Trainer`` with three changes:
+
+- ``compute_loss``: for a :class:`~mixda_fast.training.losses.Stage1Model` the loss is
+  ``knowledge_weight * L_knowledge + old_weight * L_old`` (lambda = 0.5 and 1, the paper's), and
+  both terms are logged; any other model (stage 2) uses the Trainer's own loss.
+- checkpoints hold only the trainable parameters (adapters, gates, task adapters, head; everything
+  for full fine-tuning) in ``trainable.safetensors``, plus the Trainer's optimizer, scheduler, RNG
+  and state files, so ``resume_from_checkpoint`` works and a checkpoint of a 22M-parameter model
+  with 1M trainable parameters takes 4 MB, not 90;
+- a :class:`StepTimer` callback records the wall time of every optimizer step.
+
+Everything else (``accelerate`` / ``torchrun`` across devices, tqdm, gradient accumulation, the
+linear schedule) is the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .losses import Stage1Model
+
+__all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
+           "training_arguments", "TRAINABLE_FILE"]
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def accuracy_and_macro_f1(preds, labels) -> dict[str, float]:
+    """Accuracy and macro-averaged F1: the F1 of each class present in ``labels`` or ``preds``,
+    averaged (scikit-learn's default label set)."""
+    preds, labels = np.asarray(preds).reshape(-1), np.asarray(labels).reshape(-1)
+    if preds.shape != labels.shape:
+        raise ValueError(f"accuracy_and_macro_f1: preds has {preds.size} entries, labels {labels.size}")
+    if labels.size == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    classes = np.union1d(np.unique(labels), np.unique(preds))
+    f1s = []
+    for c in classes:
+        tp = np.sum((preds == c) & (labels == c))
+        fp = np.sum((preds == c) & (labels != c))
+        fn = np.sum((preds != c) & (labels == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s))}
+
+
+def classification_metrics(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` for Trainer: accuracy and macro-F1 from logits (B, C)."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return accuracy_and_macro_f1(np.argmax(logits, axis=-1), labels)
+
+
+def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArguments:
+    """``TrainingArguments`` with the paper's optimiser (AdamW, weight decay 0.05, linear decay)
+    and CPU-friendly defaults; keyword arguments override any of them."""
+    kw: dict[str, Any] = dict(
+        output_dir=str(output_dir), learning_rate=1e-4, weight_decay=0.05, lr_scheduler_type="linear",
+        per_device_train_batch_size=16, per_device_eval_batch_size=32, num_train_epochs=10,
+        logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
+        dataloader_pin_memory=False, disable_tqdm=False, seed=0,
+    )
+    kw.update(overrides)
+    import inspect
+
+    accepted = set(inspect.signature(transformers.TrainingArguments.__init__).parameters)
+    unknown = sorted(k for k in kw if k not in accepted)
+    if unknown:
+        raise TypeError(f"training_arguments: {unknown} are not TrainingArguments fields")
+    return transformers.TrainingArguments(**kw)
+
+
+class StepTimer(transformers.TrainerCallback):
+    """Wall time (seconds) of every optimizer step, in ``.times``."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0: Optional[float] = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.times.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+    def median(self, skip: int = 2) -> float:
+        t = self.times[skip:] if len(self.times) > skip else self.times
+        return float(np.median(t)) if t else float("nan")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module) and not isinstance(model, Stage1Model):
+        model = model.module
+    return model
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class MixDATrainer(transformers.Trainer):
+    """``Trainer`` whose ``compute_loss`` adds ``knowledge_weight * L_knowledge + old_weight *
+    L_old`` for stage 1 and whose checkpoints hold the trainable parameters only."""
+
+    def __init__(self, *args, knowledge_weight: float = 0.5, old_weight: float = 1.0, **kwargs):
+        for name, value in (("knowledge_weight", knowledge_weight), ("old_weight", old_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"MixDATrainer: {name}={value!r} is not accepted: expected a float >= 0")
+        super().__init__(*args, **kwargs)
+        self.knowledge_weight = float(knowledge_weight)
+        self.old_weight = float(old_weight)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False     # our losses are per-batch means
+        self._components: dict[str, list[float]] = {"loss_knowledge": [], "loss_old": []}
+
+    # -- loss ---------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not isinstance(_unwrap(model), Stage1Model):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        out = model(**inputs)
+        loss = self.knowledge_weight * out["loss_knowledge"] + self.old_weight * out["loss_old"]
+        if model.training:
+            for k in self._components:
+                self._components[k].append(float(out[k].detach()))
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs:
+            for k, v in self._components.items():
+                if v:
+                    logs[k] = round(float(np.mean(v)), 6)
+                    v.clear()
+        super().log(logs, start_time)
+
+    # -- checkpoints: trainable parameters only ---------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        params = _trainable(_unwrap(self.model))
+        tensors = {n: p.detach().contiguous().cpu() for n, p in params.items()}
+        path = os.path.join(output_dir, TRAINABLE_FILE)
+        fd, tmp = tempfile.mkstemp(prefix=TRAINABLE_FILE + ".", suffix=".tmp", dir=output_dir)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": "mixda_fast.trainable/1"})
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = _unwrap(model if model is not None else self.model)
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_FILE)
+        if not os.path.isfile(path):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        params = _trainable(model)
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: the checkpoint's trainable "
+                             f"parameters differ from the model's; missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]} (was it written by another stage or model?)")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best and os.path.isfile(os.path.join(best, TRAINABLE_FILE)):
+            self._load_from_checkpoint(best)
+        else:
+            super()._load_best_model()
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """json.dump to a temp file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
