@@ -7,6 +7,7 @@ projections and activation, so with the adapters switched off it is the host FFN
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Optional
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import MixDAConfig
 from .families import FamilySpec, linear_weight
+from . import ops
 from .formulations import folded_form, paper_form
 
 __all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "GateContext"]
@@ -112,11 +114,52 @@ class FFNOutputBypass(nn.Module):
         return hidden_states
 
 
+def activation_code(act: nn.Module) -> Optional[int]:
+    """The ``ffn_in`` activation code (``reference.ACTIVATIONS``) of a host activation module,
+    or None when the fused ops do not know it (the layer then runs the folded torch form).
+    Exact types only: a subclass may compute something else."""
+    t = type(act)
+    if t is nn.GELU:
+        return 1 if act.approximate == "none" else 2
+    if t is nn.SiLU:
+        return 4
+    if t is nn.ReLU:
+        return 5
+    if t.__module__ != "transformers.activations":
+        return None
+    if t.__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+        return 1
+    if t.__name__ == "GELUTanh":
+        fn = getattr(act, "act", None)
+        if isinstance(fn, functools.partial) and fn.func is F.gelu and fn.keywords == {"approximate": "tanh"}:
+            return 2
+        return None
+    if t.__name__ == "NewGELUActivation":
+        return 3
+    if t.__name__ == "SiLUActivation":
+        return 4
+    return None
+
+
+def _plain_projection(m: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D exactly, without hooks: its forward is x W^T + b."""
+    return ((type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
+            and not m._forward_hooks and not m._forward_pre_hooks)
+
+
 class MixDAFFN(nn.Module):
     """One layer's FFN with K domain adapters in parallel with W2 and a softmax gate.
 
-    ``formulation`` ("folded" default, or "paper") picks the torch formulation; both give the
-    same result. ``adapters_enabled = False`` makes the module the host FFN exactly.
+    ``formulation`` picks how it is computed; all give the same result:
+
+    - "fused" (default): the fused ops ``ops.ffn_in`` (first GEMM + activation) and
+      ``ops.mixda_out`` (second GEMM, adapters, gate softmax and mix), compiled kernels or their
+      torch references per ``mixda_fast.set_backend``. Hosts whose activation or projections the
+      ops do not know (``activation_code``) run "folded" instead.
+    - "folded": three GEMMs in torch (``formulations.folded_form``).
+    - "paper": the eager paper form, every adapter on its own (``formulations.paper_form``).
+
+    ``adapters_enabled = False`` makes the module the host FFN exactly.
     """
 
     def __init__(self, base_layer: nn.Module, spec: FamilySpec, config: MixDAConfig,
@@ -129,7 +172,7 @@ class MixDAFFN(nn.Module):
         self._context = context
         self.layer_index = layer_index
         self.mixda_config = config
-        self.formulation = "folded"
+        self.formulation = "fused"
         self.adapters_enabled = True
         # When a list, each forward appends (y, f): the output and the same input's output with
         # the adapters off (both before the host's post-FFN dropout), for the old-knowledge loss.
@@ -168,6 +211,40 @@ class MixDAFFN(nn.Module):
             return act(self._sub(self._spec.gate_proj)(x)) * self._sub(self._spec.up)(x)
         return act(self._sub(self._spec.up)(x))
 
+    def _fused_host(self):
+        """(w1, b1, w3, b3, act code, w2, b2) in nn.Linear layout for the fused ops, or None when
+        the host is not one they can compute exactly."""
+        act = self._sub(self._spec.act)
+        code = activation_code(act)
+        if code is None or act._forward_hooks or act._forward_pre_hooks:
+            return None
+        first = self._sub(self._spec.gate_proj) if self._spec.gate_proj is not None else self._sub(self._spec.up)
+        up = self._sub(self._spec.up) if self._spec.gate_proj is not None else None
+        down = self._down()
+        if not all(_plain_projection(m) for m in (first, down) + ((up,) if up is not None else ())):
+            return None
+        w1, b1 = linear_weight(first)
+        w3, b3 = linear_weight(up) if up is not None else (None, None)
+        w2, b2 = linear_weight(down)
+        return w1, b1, w3, b3, code, w2, b2
+
+    def _fused_forward(self, x: torch.Tensor, host):
+        """(y, f), both (B, T, D), through ops.ffn_in and ops.mixda_out."""
+        w1, b1, w3, b3, code, w2, b2 = host
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)                                 # (N, d)
+        h2, _ = ops.ffn_in(x2, w1, b1, w3, b3, code)             # (N, F)
+        h = h2.view(B, T, h2.shape[1])
+        intermediate = self.mixda_config.adapter_input == "intermediate"
+        logits = self.gate_logits(h if intermediate else x)      # (B, E) or (B, T, E)
+        ads = list(self.adapters.values())
+        y2, p = ops.mixda_out(h2, h2 if intermediate else x2, w2, b2,
+                              [a.down.weight for a in ads], [a.down.bias for a in ads],
+                              [a.up.weight for a in ads], [a.up.bias for a in ads],
+                              logits.reshape(-1, logits.shape[-1]))
+        D = y2.shape[1]
+        return y2.view(B, T, D), p[:, :D].view(B, T, D)
+
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         return self._sub(self._spec.post)(y) if self._spec.post else y
 
@@ -192,6 +269,13 @@ class MixDAFFN(nn.Module):
         squeeze = x.dim() == 2                                   # (T, D) inputs from odd callers
         if squeeze:
             x = x.unsqueeze(0)
+        host = self._fused_host() if self.adapters_enabled and self.formulation == "fused" else None
+        if host is not None:
+            y, f = self._fused_forward(x, host)
+            if self.capture is not None:
+                self.capture.append((y, f))
+            y = self._post(y)
+            return y.squeeze(0) if squeeze else y
         h = self.host_intermediate(x)                            # (B, T, F)
         down = self._down()
         if not self.adapters_enabled:

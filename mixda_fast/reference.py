@@ -8,10 +8,15 @@ and obviously correct; speed belongs to the kernels. New ops add their ``_ref`` 
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["softmax_combine_ref"]
+__all__ = ["softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref", "ffn_in_backward_ref",
+           "mixda_out_ref", "mixda_out_backward_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -64,3 +69,111 @@ def softmax_combine_ref(logits: Tensor, experts: Tensor) -> Tensor:
     w = torch.softmax(logits.to(acc), dim=-1)                   # (R, E)
     out = torch.einsum("re,ersd->rsd", w, experts.to(acc))      # (R, S, D)
     return out.to(experts.dtype)
+
+
+# ---- fused MixDA FFN (DESIGN.md section 4, steps 0-4) ------------------------------------------
+
+ACTIVATIONS = {0: "identity", 1: "gelu", 2: "gelu_tanh", 3: "gelu_new", 4: "silu", 5: "relu"}
+"""Activation codes of ``ffn_in``: the host FFN activations the kernels implement."""
+
+
+def act_ref(act: int, x: Tensor) -> Tensor:
+    """The activation of code ``act``, computed as the host module computes it (so a patched FFN
+    matches the host bit for bit): code 3 is transformers' NewGELUActivation formula, op by op."""
+    if act == 0:
+        return x
+    if act == 1:
+        return F.gelu(x)
+    if act == 2:
+        return F.gelu(x, approximate="tanh")
+    if act == 3:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if act == 4:
+        return F.silu(x)
+    if act == 5:
+        return F.relu(x)
+    raise RuntimeError(f"ffn_in: act must be an activation code 0..5 ({ACTIVATIONS}), got {act}")
+
+
+def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
+               act: int) -> tuple[Tensor, Tensor]:
+    """The host FFN's first projection and activation.
+
+    Args:
+        x: (N, d) input rows.
+        w1: (F, d) first projection (nn.Linear layout); b1: (F,) or None.
+        w3: (F, d) or None: the up projection of a gated MLP (Llama: w1 = gate_proj, w3 = up_proj);
+            b3: (F,) or None.
+        act: activation code (``ACTIVATIONS``).
+        Weights may be float32 for a 16-bit ``x`` (they are cast to x's dtype here).
+
+    Returns:
+        h: (N, F) = act(x w1^T + b1), or act(x w1^T + b1) * (x w3^T + b3) when gated;
+        pre: (N, F), or (N, 2F) = [x w1^T + b1 | x w3^T + b3] when gated (what the backward needs).
+    """
+    cast = (lambda t: None if t is None else t.to(x.dtype))
+    a = F.linear(x, cast(w1), cast(b1))                         # (N, F)
+    if w3 is None:
+        return act_ref(act, a), a
+    u = F.linear(x, cast(w3), cast(b3))                         # (N, F)
+    return act_ref(act, a) * u, torch.cat([a, u], 1)
+
+
+def mixda_out_ref(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: list[Tensor],
+                  bdown: list[Tensor], wup: list[Tensor], bup: list[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
+    """FFN output, K adapters and the gate mix (the folded form of DESIGN.md section 1).
+
+    Args:
+        h: (N, F) intermediate activation; z: (N, Din) adapter input (h itself, or the FFN input).
+        w2: (D, F), b2: (D,) or None: the host's second projection.
+        wdown, bdown, wup, bup: K tensors each: (r, Din), (r,), (D, r), (D,).
+        logits: (R, E) gate logits, R dividing N (one gate row per S = N / R consecutive rows:
+            R = B sequences of S = T tokens, or R = N tokens); E = K + 1 (paper mixing, the last
+            expert is the FFN) or K (residual mixing).
+        Weights may be float32 for 16-bit ``h`` (cast to h's dtype here).
+
+    Returns:
+        y: (N, D) = g_E f + sum_k g_k a_k (paper) or f + sum_k g_k a_k (residual), with
+            f = h w2^T + b2, a_k = wup_k GELU(wdown_k z + bdown_k) + bup_k, g = softmax(logits)
+            (in float32 for 16-bit dtypes);
+        p: (N, D + K r) = [f | wdown_k z + bdown_k ...]: f and the adapter pre-activations.
+    """
+    dt = h.dtype
+    cast = (lambda t: None if t is None else t.to(dt))
+    N, K = h.shape[0], len(wdown)
+    r = wdown[0].shape[0]
+    f = F.linear(h, cast(w2), cast(b2))                                         # (N, D)
+    pa = torch.cat([F.linear(z, cast(wdown[k]), cast(bdown[k])) for k in range(K)], 1)   # (N, K r)
+    g = torch.softmax(logits.to(_acc_dtype(dt)), dim=-1).to(dt)                 # (R, E)
+    g = g.repeat_interleave(N // logits.shape[0], 0)                            # (N, E)
+    s = (F.gelu(pa).view(N, K, r) * g[:, :K, None]).view(N, K * r)              # g_k GELU(p_k)
+    up = sum(F.linear(s[:, k * r:(k + 1) * r], cast(wup[k])) for k in range(K))
+    up = up + g[:, :K] @ torch.stack([cast(b) for b in bup])                    # (N, D)
+    y = (g[:, K:] * f if logits.shape[1] == K + 1 else f) + up
+    return y, torch.cat([f, pa], 1)
+
+
+def ffn_in_backward_ref(grad_h: Tensor, pre: Tensor, act: int) -> Tensor:
+    """dL/dpre of ``ffn_in`` given dL/dh (N, F) and pre (N, F) or (N, 2F) gated; by autograd."""
+    pre = pre.detach().requires_grad_()
+    F_ = grad_h.shape[1]
+    h = act_ref(act, pre) if pre.shape[1] == F_ else act_ref(act, pre[:, :F_]) * pre[:, F_:]
+    return torch.autograd.grad(h, pre, grad_h)[0]
+
+
+def mixda_out_backward_ref(grad_y: Tensor, p: Tensor, logits: Tensor, wup: list[Tensor], bup: list[Tensor]):
+    """(grad_p (N, D + K r), grad_logits (R, E), s (N, K r), grad_bup (K, D)) of ``mixda_out``
+    given dL/dy (N, D) and its saved p; by autograd through the same math as ``mixda_out_ref``."""
+    dt = p.dtype
+    N, K = p.shape[0], len(wup)
+    D, r = wup[0].shape
+    p = p.detach().requires_grad_()
+    logits = logits.detach().requires_grad_()
+    bu = torch.stack([b.to(dt) for b in bup]).requires_grad_()                 # (K, D)
+    f, pa = p[:, :D], p[:, D:]
+    g = torch.softmax(logits.to(_acc_dtype(dt)), dim=-1).to(dt).repeat_interleave(N // logits.shape[0], 0)
+    s = (F.gelu(pa).view(N, K, r) * g[:, :K, None]).view(N, K * r)
+    up = sum(F.linear(s[:, k * r:(k + 1) * r], wup[k].to(dt)) for k in range(K)) + g[:, :K] @ bu
+    y = (g[:, K:] * f if logits.shape[1] == K + 1 else f) + up
+    grad_p, grad_logits, grad_bup = torch.autograd.grad(y, (p, logits, bu), grad_y)
+    return grad_p, grad_logits, s.detach(), grad_bup
