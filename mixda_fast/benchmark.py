@@ -313,7 +313,8 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
 
     ``cases`` (a list of :class:`CaseSpec`) overrides the grid shapes x dtypes x domains x tokens
     x modes (``modes`` None: "training" if ``training`` else "inference"). Row fields: shape, dtype,
-    K, tokens, mode, gate, contender (key), label, ms, gflops, frac_peak, overhead (t / t plain),
+    K, tokens, mode, gate, contender (key), label, ms, gflops, frac_peak, frac_fp32_peak (16-bit
+    cases: against the fp32 GEMM, the ceiling when kernels compute in fp32), overhead (t / t plain),
     fused_speedup (t / t fused), floor (t / weight-bytes floor, decode only), compile_s, peak_gflops.
     ``on_case(case)`` runs after each case's timing, inside its grad mode (e.g. to profile it).
     """
@@ -328,9 +329,12 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
     saved = ops.get_backend()
     try:
         for spec in cases:
-            if spec.dtype not in peaks:
-                say(f"peak: {peak_n}^3 {spec.dtype} GEMM")
-                peaks[spec.dtype] = peak_flops(DTYPES[spec.dtype], peak_n, reps=3, warmup=1)
+            # fp32 too for 16-bit cases: kernels may compute 16-bit GEMMs in fp32 on CPUs without
+            # native bf16, and then the fp32 GEMM is this machine's real ceiling.
+            for dt in dict.fromkeys((spec.dtype, "fp32")):
+                if dt not in peaks:
+                    say(f"peak: {peak_n}^3 {dt} GEMM")
+                    peaks[dt] = peak_flops(DTYPES[dt], peak_n, reps=3, warmup=1)
             train = spec.mode == "training"
             say(f"case: {spec.shape} {spec.dtype} K={spec.domains} {spec.tokens} {spec.mode}")
             case = build_case(spec.shape, spec.dtype, spec.domains, spec.batch, spec.seq, spec.gate,
@@ -341,23 +345,24 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
                     say("  torch.compile of the paper reference ...")
                     case.compile_now()
                 fns = dict(case.fns)
-                fns.setdefault("plain", None)
-                fns = {k: v for k, v in fns.items() if v is not None}
                 in_loop_peak = not spec.decode and spec.batch * spec.seq >= 128
+                peak_flop = {}
                 if in_loop_peak:
-                    peak_fn, peak_f = _peak_gemm(DTYPES[spec.dtype], peak_n)
-                    fns["_peak"] = peak_fn
+                    for dt in dict.fromkeys((spec.dtype, "fp32")):
+                        fns[f"_peak_{dt}"], peak_flop[dt] = _peak_gemm(DTYPES[dt], peak_n)
                 times = interleaved_medians(fns, reps=reps, warmup=warmup, min_time=min_time)
                 if on_case is not None:
                     on_case(case)
-            peak = peak_f / times.pop("_peak") if in_loop_peak else peaks[spec.dtype]
-            rows.extend(_rows_of(case, times, peak, peak_n))
+            peak = {dt: (peak_flop[dt] / times.pop(f"_peak_{dt}") if in_loop_peak else peaks[dt])
+                    for dt in dict.fromkeys((spec.dtype, "fp32"))}
+            rows.extend(_rows_of(case, times, peak[spec.dtype], peak_n, peak["fp32"]))
     finally:
         ops.set_backend(saved)
     return rows
 
 
-def _rows_of(case: Case, times: dict[str, float], peak: float, peak_n: int = PEAK_N) -> list[dict]:
+def _rows_of(case: Case, times: dict[str, float], peak: float, peak_n: int = PEAK_N,
+             peak_fp32: Optional[float] = None) -> list[dict]:
     s = case.spec
     t_plain = times.get("plain")
     t_fused = times.get("fused")
@@ -373,6 +378,7 @@ def _rows_of(case: Case, times: dict[str, float], peak: float, peak_n: int = PEA
             shape=s.shape, dtype=s.dtype, K=s.domains, tokens=s.tokens, mode=s.mode, gate=s.gate,
             contender=name, label=case.labels[name], ms=sec * 1e3, gflops=flops / sec / 1e9,
             frac_peak=flops / sec / peak, peak_gflops=peak / 1e9, peak_n=peak_n,
+            frac_fp32_peak=(flops / sec / peak_fp32 if peak_fp32 and s.dtype != "fp32" else None),
             overhead=sec / t_plain if t_plain else None,
             fused_speedup=sec / t_fused if t_fused else None,
             floor=sec / floor if floor else None,
@@ -386,10 +392,11 @@ def _fmt(v, spec: str, width: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per case and contender. ``x plain`` = t / t(plain FFN); ``fused x`` = how many times
+    """One line per case and contender. ``/fp32pk`` = 16-bit rows' FLOP/s over the fp32 peak
+    GEMM's; ``x plain`` = t / t(plain FFN); ``fused x`` = how many times
     faster the fused contender is than this row; ``x floor`` = t / weight-bytes floor (decode)."""
     head = (f"{'shape':<14}{'dtype':<6}{'K':>2} {'tokens':<7}{'mode':<7}{'contender':<24}"
-            f"{'ms':>10}{'frac peak':>10}{'x plain':>8}{'fused x':>8}{'x floor':>8}{'compile s':>10}")
+            f"{'ms':>10}{'frac peak':>10}{'/fp32pk':>8}{'x plain':>8}{'fused x':>8}{'x floor':>8}{'compile s':>10}")
     lines = [head, "-" * len(head)]
     prev = None
     notes: list[str] = []
@@ -401,7 +408,8 @@ def format_table(rows: list[dict]) -> str:
         label = r["label"]
         mode = "train" if r["mode"] == "training" else "infer"
         lines.append(f"{r['shape']:<14}{r['dtype']:<6}{r['K']:>2} {r['tokens']:<7}{mode:<7}{label:<24}"
-                     f"{r['ms']:>10.3f}{r['frac_peak']:>10.2f}{_fmt(r['overhead'], '.2f', 8)}"
+                     f"{r['ms']:>10.3f}{r['frac_peak']:>10.2f}{_fmt(r.get('frac_fp32_peak'), '.2f', 8)}"
+                     f"{_fmt(r['overhead'], '.2f', 8)}"
                      f"{_fmt(r['fused_speedup'], '.2f', 8)}{_fmt(r['floor'], '.2f', 8)}"
                      f"{_fmt(r.get('compile_s'), '.1f', 10)}")
         notes.extend(n for n in r.get("notes", ()) if n not in notes)

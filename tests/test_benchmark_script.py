@@ -12,7 +12,7 @@ from mixda_fast import ops
 TINY = "bert:32x128"          # d 32, ff 128: bottleneck 8
 FAST = dict(reps=1, warmup=0, min_time=0.0, peak_n=64)
 ROW_FIELDS = {"shape", "dtype", "K", "tokens", "mode", "gate", "contender", "label", "ms", "gflops",
-              "frac_peak", "peak_gflops", "overhead", "fused_speedup", "floor", "compile_s"}
+              "frac_peak", "frac_fp32_peak", "peak_gflops", "overhead", "fused_speedup", "floor", "compile_s"}
 
 
 def test_shape_names():
