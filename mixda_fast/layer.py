@@ -162,6 +162,8 @@ class MixDAFFN(nn.Module):
     ``adapters_enabled = False`` makes the module the host FFN exactly.
     """
 
+    FORMULATIONS = ("fused", "folded", "paper")
+
     def __init__(self, base_layer: nn.Module, spec: FamilySpec, config: MixDAConfig,
                  down_proj: Optional[nn.Module], context: GateContext, layer_index: int):
         super().__init__()
