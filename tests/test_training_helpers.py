@@ -51,6 +51,11 @@ def task_rows(n=24):
     return [{"text": f"i saw {ENTITIES[i]} in the garden .", "label": color_of(i)} for i in range(n)]
 
 
+def easy_task_rows(n=24):
+    """The label is a word of the text: learnable in a few steps."""
+    return [{"text": f"{ENTITIES[i]} likes {color_of(i)} .", "label": color_of(i)} for i in range(n)]
+
+
 def write_data(tmp_path):
     """knowledge.json (JSON array, as the released code), general.txt, task.jsonl."""
     k = tmp_path / "knowledge.json"

@@ -22,6 +22,8 @@ import logging
 import os
 import random
 import uuid
+import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -381,19 +383,34 @@ def _ids_and_mask(seqs, pad_id):
     return ids, mask
 
 
+def batch_generator(examples: list[dict], seed: int, salt: int = 0) -> torch.Generator:
+    """A generator seeded from the batch's content (its examples' token ids, in order) and
+    ``seed``. Random masking and general-text draws come from it, not from torch's global RNG:
+    Trainer restores the global RNG only after it has fetched (collated) the first batch of a
+    resumed run, so global draws would make a resumed run differ from an uninterrupted one. The
+    sampler's order is reproducible, hence so is every batch; a new epoch reshuffles the
+    batches, so the masks change from epoch to epoch (dynamic masking)."""
+    h = zlib.crc32(f"{seed}:{salt}".encode())
+    for ex in examples:
+        h = zlib.crc32(array("q", ex["input_ids"]).tobytes(), h)
+    return torch.Generator().manual_seed(h)
+
+
 @dataclass
 class KnowledgeCollator:
     """Pads knowledge examples (right padding); masks plain-text examples at random: BERT's
     15% of non-special tokens, of which 80% -> mask token, 10% -> random token, 10% unchanged
-    (draws from torch's global RNG, which Trainer checkpoints save and restore)."""
+    (random draws from :func:`batch_generator`)."""
 
     tokenizer: Any
     causal: bool
     mlm_probability: float = 0.15
+    seed: int = 0
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         pad_id = _pad_id(self.tokenizer)
         special = set(self.tokenizer.all_special_ids)
+        gen = None
         seqs, labels = [], []
         for ex in examples:
             ids = list(ex["input_ids"])
@@ -402,32 +419,33 @@ class KnowledgeCollator:
             elif self.causal:
                 lab = list(ids)
             else:
-                ids, lab = self._mask(ids, special)
+                gen = gen or batch_generator(examples, self.seed)
+                ids, lab = self._mask(ids, special, gen)
             seqs.append(ids)
             labels.append(lab)
         input_ids, attention_mask = _ids_and_mask(seqs, pad_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": _pad(labels, -100)}
 
-    def _mask(self, ids: list[int], special: set) -> tuple[list[int], list[int]]:
+    def _mask(self, ids: list[int], special: set, gen: torch.Generator) -> tuple[list[int], list[int]]:
         t = torch.tensor(ids, dtype=torch.long)
         candidates = torch.tensor([i not in special for i in ids])
-        chosen = (torch.rand(len(ids)) < self.mlm_probability) & candidates
+        chosen = (torch.rand(len(ids), generator=gen) < self.mlm_probability) & candidates
         if candidates.any() and not chosen.any():        # at least one label per sequence
             pos = candidates.nonzero().flatten()
-            chosen[pos[torch.randint(len(pos), (1,))]] = True
+            chosen[pos[torch.randint(len(pos), (1,), generator=gen)]] = True
         labels = torch.where(chosen, t, torch.full_like(t, -100))
-        r = torch.rand(len(ids))
+        r = torch.rand(len(ids), generator=gen)
         to_mask = chosen & (r < 0.8)
         to_random = chosen & (r >= 0.8) & (r < 0.9)
         t = torch.where(to_mask, torch.full_like(t, self.tokenizer.mask_token_id), t)
-        t = torch.where(to_random, torch.randint(len(self.tokenizer), t.shape), t)
+        t = torch.where(to_random, torch.randint(len(self.tokenizer), t.shape, generator=gen), t)
         return t.tolist(), labels.tolist()
 
 
 @dataclass
 class Stage1Collator:
     """A knowledge batch plus, for the old-knowledge loss, as many general-text examples drawn
-    at random (torch's global RNG) from ``general`` (``old_input_ids``, ``old_attention_mask``)."""
+    at random (:func:`batch_generator`) from ``general`` (``old_input_ids``, ``old_attention_mask``)."""
 
     knowledge: KnowledgeCollator
     general: Any = None           # tokenized general-text Dataset, or None (no L_old)
@@ -437,7 +455,8 @@ class Stage1Collator:
         batch = self.knowledge(examples)
         if self.general is not None and len(self.general) > 0:
             n = self.general_batch_size or len(examples)
-            idx = torch.randint(len(self.general), (n,)).tolist()
+            gen = batch_generator(examples, self.knowledge.seed, salt=1)
+            idx = torch.randint(len(self.general), (n,), generator=gen).tolist()
             seqs = [self.general[i]["input_ids"] for i in idx]
             batch["old_input_ids"], batch["old_attention_mask"] = _ids_and_mask(seqs, _pad_id(self.knowledge.tokenizer))
         return batch

@@ -134,8 +134,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     source = str(knowledge) if isinstance(knowledge, (str, os.PathLike)) else "knowledge"
     train_ds = encode_knowledge(kds, tokenizer, causal=causal, max_length=max_length, source=source)
     gen_ds = encode_texts(gds, tokenizer, max_length=max_length) if gds is not None else None
-    collator = Stage1Collator(KnowledgeCollator(tokenizer, causal), gen_ds, general_batch_size)
     args = training_arguments(str(output_dir), **(training_args or {}))
+    collator = Stage1Collator(KnowledgeCollator(tokenizer, causal, seed=args.seed), gen_ds, general_batch_size)
     timer = StepTimer()
     wrapper = Stage1Model(model, causal)
     trainer = MixDATrainer(model=wrapper, args=args, train_dataset=train_ds, data_collator=collator,

@@ -97,7 +97,11 @@ def build_stage2_model(base: Union[str, os.PathLike, nn.Module], *, task: str = 
     if isinstance(base, (str, os.PathLike)):
         if not os.path.isdir(base):
             raise FileNotFoundError(f"model path {str(base)!r} is not a folder; expected a local HuggingFace checkpoint")
-        model = task_model_class(task).from_pretrained(str(base), num_labels=num_labels, local_files_only=True)
+        model, info = task_model_class(task).from_pretrained(str(base), num_labels=num_labels, local_files_only=True,
+                                                             output_loading_info=True)
+        # Weights the checkpoint lacks (the task head, and e.g. BERT's pooler when the checkpoint
+        # is a masked LM) are random: run_stage2 saves them with the head so load_run rebuilds them.
+        model._mixda_fresh_keys = sorted(info.get("missing_keys", []))
     elif isinstance(base, nn.Module):
         model = base
     else:
@@ -138,8 +142,11 @@ def _freeze_for_task(model: nn.Module) -> None:
 
 
 def _head_named(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The task head, plus any parameter the checkpoint did not hold (freshly initialised at
+    load, e.g. a pooler): what head.safetensors must hold to rebuild the model."""
     ids = {id(p) for p in _head_parameters(model)}
-    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+    fresh = set(getattr(model, "_mixda_fresh_keys", ()))
+    return {n: p for n, p in model.named_parameters() if id(p) in ids or n in fresh}
 
 
 @dataclass
