@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 __all__ = ["SHAPES", "DTYPES", "CONTENDERS", "CaseSpec", "DEFAULT_CASES", "Case", "interleaved_medians",
            "peak_flops", "build_case", "run_layer_bench", "format_table", "format_targets",
-           "check_targets", "profile_case", "plot_rows", "main"]
+           "check_targets", "profile_case", "gemm_ceiling", "format_ceiling", "plot_rows", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -485,6 +485,64 @@ def profile_case(case: Case, contenders: Sequence[str] = ("fused",), calls: int 
     return "\n".join(out)
 
 
+def gemm_ceiling(spec: CaseSpec, reps: int = 5, peak_n: int = PEAK_N) -> dict:
+    """What the GEMMs alone allow: each GEMM of the fused formulation (DESIGN.md section 4: the
+    first GEMM, one GEMM over [W2 | Wdown_1..K], one over the packed [Wup_1..K], the gate MLP;
+    in training also every input- and adapter-weight-gradient GEMM in the layout autograd uses)
+    timed on its own as one ATen call, interleaved with the peak GEMM. Returns dict(flops,
+    seconds, frac_peak, gemms={name: (flops, seconds)}): ``frac_peak`` is the layer's ceiling if it
+    were nothing but these GEMMs back to back (adapters read the FFN's intermediate h)."""
+    family, d, ff = _shape_dims(spec.shape)
+    dt = DTYPES[spec.dtype]
+    n, K, r, Dh = spec.batch * spec.seq, spec.domains, ff // 16, 768
+    f1 = 2 * ff if family == "llama" else ff
+    rows_g = n if spec.gate == "token" else spec.batch
+    R = torch.randn
+
+    def lin(m, k, o):                         # (m, k) @ (o, k)^T, as nn.Linear
+        a, w = R(m, k, dtype=dt), R(o, k, dtype=dt)
+        return (lambda: F.linear(a, w)), 2.0 * m * k * o
+
+    def mm(m, k, o):                          # (m, k) @ (k, o): autograd's grad @ W and W-gradients
+        a, b = R(m, k, dtype=dt), R(k, o, dtype=dt)
+        return (lambda: torch.mm(a, b)), 2.0 * m * k * o
+
+    gate_dims = [(ff, Dh), (Dh, Dh), (Dh, Dh), (Dh, K + 1)]      # the released code's 4-Linear gate
+
+    def chain(parts):                         # several GEMMs as one entry
+        fns_, fl = zip(*parts)
+        return (lambda: [f() for f in fns_]), sum(fl)
+
+    g = {"x @ W1^T": lin(n, d, f1), "h @ [W2|Wdown]^T": lin(n, ff, d + K * r),
+         "s @ [Wup]^T": lin(n, K * r, d), "gate MLP (4 Linear)": chain([lin(rows_g, i, o) for i, o in gate_dims])}
+    if spec.mode == "training":
+        if spec.dtype != "fp32":
+            raise ValueError("gemm_ceiling: training ceilings are fp32 only (a 16-bit torch.mm with a "
+                             "non-transposed B takes minutes on CPUs without native bf16)")
+        g.update({"grad_s = gy @ Wup": mm(n, d, K * r), "grad Wup = gy^T s": mm(d, n, K * r),
+                  "grad_h = gp @ [W2|Wdown]": mm(n, d + K * r, ff),
+                  "grad Wdown = gp^T h": mm(K * r, n, ff), "grad_x = gu @ W1": mm(n, f1, d),
+                  "gate MLP backward": chain([mm(rows_g, o, i) for i, o in gate_dims]
+                                             + [mm(o, rows_g, i) for i, o in gate_dims])})
+    fns = {k: v[0] for k, v in g.items()}
+    fns["_peak"], peak_f = _peak_gemm(dt, peak_n)
+    with torch.inference_mode():
+        t = interleaved_medians(fns, reps=reps, warmup=1)
+    peak = peak_f / t.pop("_peak")
+    flops = sum(v[1] for v in g.values())
+    sec = sum(t.values())
+    return dict(flops=flops, seconds=sec, frac_peak=flops / sec / peak,
+                gemms={k: (g[k][1], t[k], g[k][1] / t[k] / peak) for k in g})
+
+
+def format_ceiling(spec: CaseSpec, c: dict) -> str:
+    lines = [f"GEMM-only ceiling: {spec.shape} {spec.dtype} K={spec.domains} {spec.tokens} {spec.mode}: "
+             f"fraction of peak {c['frac_peak']:.2f} ({c['flops'] / 1e9:.2f} GFLOP in {c['seconds'] * 1e3:.1f} ms)"]
+    for k, (fl, sec, frac) in c["gemms"].items():
+        lines.append(f"  {k:<28}{fl / 1e9:>8.3f} GFLOP{sec * 1e3:>10.2f} ms   frac peak {frac:.2f}")
+    return "\n".join(lines)
+
+
 def plot_rows(rows: list[dict], path: str) -> str:
     """Bar charts: fraction of peak per case (with the targets) and, for decode cases, time over
     the weight-bytes floor. Writes a PNG at ``path`` and returns it."""
@@ -586,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless asked for")
     p.add_argument("--profile", nargs="*", choices=list(CONTENDERS), default=None,
                    help="after each case, print a torch.profiler table of these contenders (default: fused)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time each GEMM of the fused formulation alone: the fraction of peak the "
+                        "layer could reach if it were nothing but its GEMMs")
     p.add_argument("--peak-n", type=int, default=PEAK_N, help=argparse.SUPPRESS)
     return p
 
@@ -652,6 +713,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_targets(rows))
     for text in profiles:
         print("\n" + text)
+    if args.ceiling:
+        for spec in specs:
+            if spec.decode or (spec.mode == "training" and spec.dtype != "fp32"):
+                continue
+            print("\n" + format_ceiling(spec, gemm_ceiling(spec, reps=reps, peak_n=args.peak_n)))
     if not args.no_plot:
         print(f"\nplot: {plot_rows(rows, args.plot)}")
     print(f"took {time.perf_counter() - t0:.0f} s; {_load()}")

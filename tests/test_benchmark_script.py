@@ -138,3 +138,13 @@ def test_main_prints_table_and_writes_plot(tmp_path, capsys):
 def test_bad_tokens_argument():
     with pytest.raises(SystemExit):
         mb.build_parser().parse_args(["--tokens", "8by128"])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_gemm_ceiling_counts_the_layers_flops(family, mode):
+    spec = mb.CaseSpec(f"{family}:32x128", "fp32", 2, 2, 8, mode)
+    c = mb.gemm_ceiling(spec, reps=1, peak_n=64)
+    case = mb.build_case(spec.shape, "fp32", 2, 2, 8, training=mode == "training", contenders=("plain",))
+    assert c["flops"] == case.flops_mixda
+    assert c["frac_peak"] > 0 and "GEMM-only ceiling" in mb.format_ceiling(spec, c)
