@@ -103,12 +103,11 @@ class Stage1Model(nn.Module):
     ``{"loss_knowledge", "loss_old"}`` and ``Trainer.compute_loss`` weighs them.
 
     The general-text pass for L_old stops right after the last patched layer: nothing above it
-    changes L_old, so the remaining layers are not run (same loss, less work)."""
+    changes L_old, so the remaining layers are not run (same loss, less work). An unpatched model
+    (the LoRA and full fine-tuning baselines of the demo) gets L_knowledge only."""
 
     def __init__(self, model: nn.Module, causal: Optional[bool] = None):
         super().__init__()
-        if not is_patched(model):
-            raise ValueError("Stage1Model: model is not patched: call mixda_fast.patch_model(model, config) first")
         self.model = model
         self.causal = is_causal_lm(model) if causal is None else causal
 
@@ -119,6 +118,9 @@ class Stage1Model(nn.Module):
         return {"loss_knowledge": lk, "loss_old": self.old_loss(old_input_ids, old_attention_mask)}
 
     def old_loss(self, input_ids, attention_mask) -> torch.Tensor:
+        if not is_patched(self.model):
+            raise ValueError("Stage1Model: L_old needs a patched model (mixda_fast.patch_model); this one is not, "
+                             "so pass no general text (old_input_ids)")
         mods = mixda_modules(self.model)
         last = mods[max(mods)]
         captures: list = []

@@ -1,0 +1,108 @@
+"""The demo's data, generated here (nothing is downloaded).
+
+- **Knowledge base** (stage 1, the released code's prompt/targets format): invented people
+  ("korvalen", "misuthar", ...), each with a favourite colour (one of four) and a home city (one
+  of eight), stated in several phrasings: "the favourite colour of korvalen is {} ." -> ["green"].
+- **Task** (stage 2): "korvalen went to the shop to buy a new coat ." -> label "green", four
+  classes. The sentence says nothing about the colour: only a model that holds the knowledge base
+  can do better than chance. Train and test people are disjoint, so the classifier cannot
+  memorise names from the task data; the train split is sampled k-shot per class.
+- **General text** (the old-knowledge loss and the drift measure): sentences of Python's own
+  documentation, ``pydoc_data.topics``, shipped with every CPython.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["COLOURS", "CITIES", "DemoData", "make_people", "build_demo_data", "general_sentences"]
+
+COLOURS = ["red", "blue", "green", "yellow"]
+CITIES = ["paris", "london", "tokyo", "cairo", "lima", "oslo", "rome", "delhi"]
+_ONSETS = ["k", "m", "t", "z", "v", "r", "l", "th", "s", "d", "b", "n", "p", "g", "f", "h"]
+_VOWELS = ["a", "e", "i", "o", "u"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "m"]
+COLOUR_FACTS = ["the favourite colour of {name} is {{}} .", "{name} always wears {{}} clothes ."]
+CITY_FACTS = ["{name} lives in {{}} ."]
+TASK_TEMPLATES = ["{name} went to the shop to buy a new coat .", "{name} is choosing paint for the kitchen .",
+                  "{name} picked a scarf for the winter ."]
+
+
+@dataclass
+class DemoData:
+    knowledge: Path
+    general_train: Path
+    general_eval: Path
+    task_train: Path
+    task_test: Path
+    people: list
+    n_facts: int
+
+
+def make_people(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct invented three-syllable names."""
+    rng = random.Random(seed)
+    names: set[str] = set()
+    out = []
+    while len(out) < n:
+        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + \
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+        if name not in names:
+            names.add(name)
+            out.append(name)
+    return out
+
+
+def general_sentences(limit: int, seed: int = 0) -> list[str]:
+    """Prose sentences (6-30 words, no code) from ``pydoc_data.topics``, shuffled."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        text = re.sub(r"\s+", " ", re.sub(r"\n\s*\n", "\n\n", topics[key]))
+        for sent in re.split(r"(?<=[.!?])\s+", text):
+            words = sent.split()
+            if 6 <= len(words) <= 30 and not re.search(r"[=*<>{}\[\]:|]{1}|::=|\*\*\*", sent):
+                out.append(sent.strip().lower())
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    return out[:limit]
+
+
+def build_demo_data(out_dir, n_people: int = 96, n_test: int = 48, seed: int = 0,
+                    general_train: int = 600, general_eval: int = 100) -> DemoData:
+    """Write ``knowledge.json``, ``general_train.txt``, ``general_eval.txt``, ``task_train.jsonl``
+    and ``task_test.jsonl`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    people = make_people(n_people, seed)
+    colour = {p: COLOURS[i % len(COLOURS)] for i, p in enumerate(people)}
+    city = {p: rng.choice(CITIES) for p in people}
+    facts = []
+    for p in people:
+        facts += [{"prompt": t.format(name=p), "targets": [colour[p]]} for t in COLOUR_FACTS]
+        facts += [{"prompt": t.format(name=p), "targets": [city[p]]} for t in CITY_FACTS]
+    rng.shuffle(facts)
+    knowledge = out / "knowledge.json"
+    knowledge.write_text(json.dumps(facts, indent=1) + "\n")
+
+    order = people[:]
+    rng.shuffle(order)
+    test_people, train_people = order[:n_test], order[n_test:]
+
+    def task_rows(group):
+        return [{"text": t.format(name=p), "label": colour[p]} for p in group for t in TASK_TEMPLATES]
+
+    task_train, task_test = out / "task_train.jsonl", out / "task_test.jsonl"
+    task_train.write_text("".join(json.dumps(r) + "\n" for r in task_rows(train_people)))
+    task_test.write_text("".join(json.dumps(r) + "\n" for r in task_rows(test_people)))
+    sents = general_sentences(general_train + general_eval, seed)
+    g_train, g_eval = out / "general_train.txt", out / "general_eval.txt"
+    g_train.write_text("\n".join(sents[:general_train]) + "\n")
+    g_eval.write_text("\n".join(sents[general_train:]) + "\n")
+    return DemoData(knowledge, g_train, g_eval, task_train, task_test, people, len(facts))

@@ -1,0 +1,79 @@
+"""PNG plots of the demo (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["plot_all"]
+
+COLORS = {"MixDA": "#1f77b4", "task adapter only": "#7f7f7f", "LoRA": "#ff7f0e", "full fine-tuning": "#d62728"}
+
+
+def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_all(results: dict, out_dir) -> list[Path]:
+    """loss_curves.png, accuracy.png, speed.png from the demo's results dict; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    paths = []
+    methods = list(results["methods"])
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in methods:
+        r = results["methods"][name]
+        if r.get("stage1"):
+            x, y = _curve(r["stage1"]["history"], "loss_knowledge")
+            axes[0].plot(x, y, label=name, color=COLORS.get(name))
+        x, y = _curve(r["stage2"]["history"], "loss")
+        axes[1].plot(x, y, label=name, color=COLORS.get(name))
+    axes[0].set(title="stage 1: knowledge loss (masked-LM CE on facts)", xlabel="step", ylabel="cross-entropy")
+    axes[1].set(title="stage 2: task loss (k-shot classification)", xlabel="step", ylabel="cross-entropy")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "loss_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    metrics = [("fact exact-match", lambda r: r["stage1"]["fact_exact_match"] if r.get("stage1") else results["base"]["fact_exact_match"]),
+               ("task accuracy", lambda r: r["stage2"]["accuracy"]),
+               ("task macro-F1", lambda r: r["stage2"]["macro_f1"])]
+    width = 0.8 / len(methods)
+    for i, name in enumerate(methods):
+        r = results["methods"][name]
+        vals = [f(r) for _, f in metrics]
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, vals, width, label=name, color=COLORS.get(name))
+    ax.axhline(results["chance_accuracy"], color="black", lw=0.8, ls="--", label="chance (task)")
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(metrics))], [m for m, _ in metrics])
+    ax.set(ylim=(0, 1), title="knowledge and task results (held-out people for the task)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "accuracy.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, stage in zip(axes, ("stage1", "stage2")):
+        names = [n for n in methods if results["methods"][n].get(stage)]
+        vals = [1000 * results["methods"][n][stage]["step_time"] for n in names]
+        ax.bar(names, vals, color=[COLORS.get(n) for n in names])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set(title=f"{'stage 1' if stage == 'stage1' else 'stage 2'}: median time per training step",
+               ylabel="ms / step")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    paths.append(out / "speed.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
