@@ -47,6 +47,7 @@ def _randomize_gates(model, seed=0, scale=0.3):
     (dict(domains=["a", "b"], num_experts=3), ValueError, "num_experts"),
     (dict(expert_init="zeros"), ValueError, "expert_init"),
     (dict(execution="fast"), ValueError, "execution"),
+    (dict(execution=None), TypeError, "execution"),
     (dict(freeze_experts=1), TypeError, "freeze_experts"),
 ])
 def test_config_rejects_bad_fields(kwargs, exc, field):
@@ -137,7 +138,7 @@ def test_copied_expert_sees_what_the_backbone_sees(family, execution):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_and_loop_executions_agree_forward_and_backward(family):
+def test_executions_agree_forward_and_backward(family):
     model = tiny_model(family, head="lm").train()
     mf.patch_model(model, mf.MoDEConfig(num_blocks=1, num_experts=3, expert_layers=2, expert_init="random"))
     for m in model.modules():   # no dropout, so both executions see the same function
@@ -147,18 +148,20 @@ def test_batched_and_loop_executions_agree_forward_and_backward(family):
     _randomize_gates(model)
     inputs = batch(family)
     results = {}
-    for execution in EXECUTIONS:
+    for execution in EXECUTIONS + ("auto",):
         _set_execution(model, execution)
         model.zero_grad()
         logits = model(**inputs).logits
         (logits.float() ** 2).mean().backward()
         results[execution] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                 if p.requires_grad})
-    (la, ga), (lb, gb) = results["batched"], results["loop"]
-    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
-    assert ga.keys() == gb.keys() and ga
-    for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+    lb, gb = results["loop"]
+    for execution in ("batched", "auto"):
+        la, ga = results[execution]
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+        assert ga.keys() == gb.keys() and ga
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_mixture_is_the_formula_written_out():

@@ -11,15 +11,19 @@ backbone's first layer of the block received. The block never runs the backbone 
 patch (:mod:`mixda_fast.mode.patching`) hooks the backbone's first and last layer of the block,
 so the backbone runs in HuggingFace's own loop and the block only adds the experts and the mix.
 
-Two executions of the same math (``MoDEConfig.execution``):
+Executions of the same math (``MoDEConfig.execution``):
 
 - ``"loop"`` (the reference): every expert layer runs on its own; the mixture is the formula
   above in plain torch.
-- ``"batched"`` (the fast path): per depth, each expert layer runs up to its FFN (attention,
-  norms, residual: HuggingFace's own code), then the N experts' FFN GEMMs run as one batched GEMM
-  over weights stacked once and kept in sync with the parameters, then each layer's tail
-  (residual add, or BERT's output LayerNorm); the gate softmax and weighted sum are the fused
-  :func:`mixda_fast.ops.softmax_combine`.
+- ``"batched"``: per depth, each expert layer runs up to its FFN (attention, norms, residual:
+  HuggingFace's own code), then the N experts' FFN GEMMs run as one batched GEMM over weights
+  stacked once and kept in sync with the parameters (restacked every call under autograd), then
+  each layer's tail (residual add, or BERT's output LayerNorm); the gate softmax and weighted sum
+  are the fused :func:`mixda_fast.ops.softmax_combine`.
+- ``"auto"`` (default): the fused mix always; the batched FFN GEMMs only outside autograd,
+  where the stacks are cached. Measured on the 2-core AVX2 CPU this was written on
+  (bench/test_mode_bench.py): MKL's batched GEMM costs what the N GEMMs cost, so inference is a
+  wash (0.86x-1.19x), and under autograd restacking the weights made training 5-40% slower.
 
 KV cache: expert layers get their own cache slots after the model's L layers (slot
 ``L + (i * N + j) * L_e + l`` for layer l of expert j in block i), so ``generate()`` with the
@@ -126,7 +130,7 @@ class MoDEBlock(nn.Module):
 
     Attributes a user may set: ``force_gate`` (None, or an index 0..N: the gate becomes exactly
     one-hot on that expert, N = the backbone), ``enabled`` (False: the block returns the
-    backbone's output untouched, experts skipped), ``execution`` ("batched" / "loop").
+    backbone's output untouched, experts skipped), ``execution`` ("auto" / "batched" / "loop").
     """
 
     def __init__(self, index: int, start: int, stop: int, experts: dict[str, list[nn.Module]],
@@ -213,7 +217,7 @@ class MoDEBlock(nn.Module):
         backbone = _first(output)                                        # (B, T, D)
         x = args[0] if args else kwargs["hidden_states"]                 # (B, T, D)
         with _output_capture_paused():
-            if self.execution == "batched":
+            if self.execution in ("batched", "auto"):
                 if self._batched_ok():
                     experts = self._experts_batched(x, args, kwargs)     # (N, B, T, D)
                 else:
@@ -284,6 +288,9 @@ class MoDEBlock(nn.Module):
     def _batched_ok(self) -> bool:
         if self.num_experts == 1:
             return False  # nothing to batch; the fused combine still runs
+        if self.execution == "auto" and torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.experts.parameters()):
+            return False  # restacking the weights every step costs more than batching saves (CPU)
         tail = BATCHED_TAILS.get(self._model_type)
         ok = tail is not None
         if ok:

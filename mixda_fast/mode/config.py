@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 __all__ = ["MoDEConfig", "EXPERT_INITS", "EXECUTIONS"]
 
 EXPERT_INITS = ("copy", "random")
-EXECUTIONS = ("batched", "loop")
+EXECUTIONS = ("auto", "batched", "loop")
 
 
 def _fail(name: str, value: Any, accepted: str, exc=ValueError):
@@ -60,11 +60,13 @@ class MoDEConfig:
     it knew; the paper's choice is not stated."""
     freeze_experts: bool = False
     """Stage 2 (composition): True trains the gates only, False the gates and the experts."""
-    execution: str = "batched"
+    execution: str = "auto"
     """"batched": per depth, the N experts' FFN GEMMs run as one batched GEMM over stacked
-    weights and the gate uses the fused softmax-combine op (the fast path); "loop": every expert
-    layer runs on its own and the mixture is the plain-torch formula (the reference). They agree
-    to float rounding; the bench compares their speed."""
+    weights and the gate uses the fused softmax-combine op; "loop": every expert layer runs on
+    its own and the mixture is the plain-torch formula (the reference); "auto": the fused mix
+    always, the batched GEMMs only outside autograd (restacking weights every training step
+    measured slower than N GEMMs on CPU; see bench/test_mode_bench.py). All agree to float
+    rounding."""
     extra: dict = field(default_factory=dict)
     """Free-form user metadata, saved with the experts."""
 
