@@ -150,7 +150,7 @@ def step_times(models: dict, data: torch.Tensor, batch_size: int, rounds: int = 
 
 def run(steps: int = 120, pretrain_steps: int = 300, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
         replay: float = 0.0, n_train: int = 2048, n_eval: int = 256,
-        timing_rounds: int = 7) -> tuple[list[Result], dict]:
+        timing_rounds: int = 15) -> tuple[list[Result], dict]:
     corpus = Corpus(seed)
     evals = {name: corpus.sample(name, n_eval) for name in SOURCES}
     train_data = {name: corpus.sample(name, n_train) for name in ("A", "B")}
