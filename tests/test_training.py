@@ -224,3 +224,26 @@ def test_fact_exact_match_counts_whole_facts():
 
     col = KnowledgeCollator(tok, causal=False)([ds[i] for i in range(len(ds))])
     assert (col["labels"] != -100).sum(1).tolist() == [1] * len(ds)
+
+
+def test_stage2_multiple_choice_head(tmp_path):
+    """Multiple choice: (B, C, T) inputs, the gate reads each (example, choice) sequence."""
+    rows = [{"text": f"{e} likes", "choices": ["red", "blue", "green"], "label": i % 3}
+            for i, e in enumerate(["e1", "e2", "e3", "e4", "e5", "e6"])]
+    data = write_jsonl(tmp_path / "mc.jsonl", rows)
+    base = tmp_path / "base"
+    tiny("bert", "mc").save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    tok = word_tokenizer()
+    model = build_stage2_model(str(base), task="multiple_choice", num_labels=3, task_adapter="pfeiffer")
+    mf.patch_model(model, mf.MixDAConfig(domains=["d"], layers=[1], gate_hidden=16, mixing="paper"))
+    from mixda_fast.training.stage2 import _freeze_for_task
+
+    _freeze_for_task(model)
+    res = run_stage2(model, tok, data, tmp_path / "s2", task="multiple_choice", eval_data=data,
+                     training_args=dict(max_steps=3, learning_rate=1e-3, **QUIET), base_model_path=str(base))
+    assert res.labels == ["0", "1", "2"] and set(res.metrics) >= {"accuracy", "macro_f1"}
+    rebuilt, tok2, run = load_run(tmp_path / "s2")
+    assert run["task"] == "multiple_choice"
+    assert evaluate_task(rebuilt, tok2, data, task="multiple_choice") == \
+        evaluate_task(model, tok, data, task="multiple_choice")

@@ -47,13 +47,13 @@ _LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|att
 class DemoSettings:
     """Sizes and learning rates (the demo's own, tuned for a 2-core CPU; see README)."""
 
-    people: int = 96                 # knowledge base: 3 facts per person
-    test_people: int = 48            # the task is evaluated on these (never in the task's training data)
+    people: int = 64                 # knowledge base: 3 facts per person
+    test_people: int = 32            # the task is evaluated on these (never in the task's training data)
     k_shot: int = 16                 # task training examples per class (the paper's 16)
     head_steps: int = 120            # fitting the missing MLM head on general text
-    stage1_steps: int = 300
-    stage1_batch: int = 32
-    general_batch: int = 16          # general-text sequences per step for L_old
+    stage1_steps: int = 200
+    stage1_batch: int = 16
+    general_batch: int = 8           # general-text sequences per step for L_old
     stage2_epochs: int = 20          # the paper's 20 (2 of warm-up)
     stage2_batch: int = 16
     layers: list = field(default_factory=lambda: [2, 3])   # the paper's 7, 11 of 24 scaled to 6 layers
@@ -64,7 +64,7 @@ class DemoSettings:
     lr_stage2_adapters: float = 1e-3
     lr_stage2_full: float = 5e-5
     lora_rank: int = 16
-    max_length: int = 32
+    max_length: int = 24
     seed: int = 0
 
     @classmethod

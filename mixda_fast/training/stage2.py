@@ -131,6 +131,11 @@ def build_stage2_model(base: Union[str, os.PathLike, nn.Module], *, task: str = 
 def _freeze_for_task(model: nn.Module) -> None:
     if is_patched(model):
         mark_trainable(model, "task")
+        config = patch_config(model)
+        if config.mixing == "residual" and config.num_domains == 1:   # a one-entry softmax: constant
+            for m in model.modules():
+                if type(m).__name__ == "MixDAGate":
+                    m.requires_grad_(False)
         return
     for p in model.parameters():
         p.requires_grad_(False)
