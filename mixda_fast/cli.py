@@ -131,16 +131,11 @@ def _stage1(args: argparse.Namespace) -> int:
                         max_length=args.max_length, general_batch_size=args.general_batch_size,
                         train_gate=not args.freeze_gate, train_lm_head=args.train_lm_head,
                         training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
-                        base_model_path=os.path.abspath(args.model))
-    # The manifest records file names; fix the paths of the data it was trained on.
-    from .training.stage1 import RUN_FILE
-    from .training.trainer import write_json_atomic
-
-    run_path = os.path.join(args.output, RUN_FILE)
-    run = json.loads(open(run_path).read())
-    run.update(knowledge=os.path.abspath(args.knowledge), general=os.path.abspath(args.general) if args.general else None)
-    write_json_atomic(run_path, run)
-    print(f"stage 1 done: domain adapter {args.domain!r} in {args.output} ({', '.join(result.files.values())})")
+                        base_model_path=os.path.abspath(args.model),
+                        data_sources={"knowledge": os.path.abspath(args.knowledge),
+                                      "general": os.path.abspath(args.general) if args.general else None})
+    if result.files:                                   # the main process (DDP: rank 0) wrote them
+        print(f"stage 1 done: domain adapter {args.domain!r} in {args.output} ({', '.join(result.files.values())})")
     return 0
 
 
@@ -167,7 +162,8 @@ def _stage2(args: argparse.Namespace) -> int:
                         training_args=overrides, resume_from_checkpoint=_resume(args.resume),
                         base_model_path=os.path.abspath(args.model),
                         domain_runs=[os.path.abspath(d) for d in args.domains or ()])
-    print(f"stage 2 done: {args.output}" + (f"; eval {json.dumps(result.metrics)}" if result.metrics else ""))
+    if result.trainer.args.should_save:
+        print(f"stage 2 done: {args.output}" + (f"; eval {json.dumps(result.metrics)}" if result.metrics else ""))
     return 0
 
 

@@ -93,7 +93,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
                general_batch_size: Optional[int] = None, train_gate: bool = True,
                train_lm_head: bool = False, training_args: Optional[dict] = None,
                resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
-               base_model_path: Optional[str] = None, save: bool = True) -> Stage1Result:
+               base_model_path: Optional[str] = None, save: bool = True,
+               data_sources: Optional[dict] = None) -> Stage1Result:
     """Train the domain adapter ``domain`` of ``model`` (a masked or causal LM; patched here with
     ``config``, default one adapter on :func:`default_layers`, unless already patched).
 
@@ -101,6 +102,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     dataset; ``general``: general text for L_old (file or :func:`load_texts` dataset; None turns
     L_old off, with a warning). ``training_args``: overrides of :func:`training_arguments`
     (defaults: lr 1e-4, AdamW with weight decay 0.05, linear decay, 10 epochs, batch 16).
+    ``data_sources``: {"knowledge": path, "general": path} to record in the manifest when the
+    data are passed as datasets. Under DDP only the main process writes the output files.
     """
     if not isinstance(domain, str) or not domain:
         raise TypeError(f"run_stage1: domain={domain!r} is not accepted: expected a non-empty str")
@@ -135,7 +138,10 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
 
     kds = _as_dataset(knowledge, load_knowledge, "knowledge")
     gds = _as_dataset(general, load_texts, "general")
-    source = str(knowledge) if isinstance(knowledge, (str, os.PathLike)) else "knowledge"
+    sources = {"knowledge": str(knowledge) if isinstance(knowledge, (str, os.PathLike)) else None,
+               "general": str(general) if isinstance(general, (str, os.PathLike)) else None}
+    sources.update(data_sources or {})
+    source = sources["knowledge"] or "knowledge"
     train_ds = encode_knowledge(kds, tokenizer, causal=causal, max_length=max_length, source=source)
     gen_ds = encode_texts(gds, tokenizer, max_length=max_length) if gds is not None else None
     args = training_arguments(str(output_dir), **(training_args or {}))
@@ -161,7 +167,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         write_json_atomic(str(output_dir / RUN_FILE), {
             "format": RUN_FORMAT, "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],
             "domain": domain, "config": config.to_dict(), "files": files, "causal": causal,
-            "knowledge": source, "general": str(general) if isinstance(general, (str, os.PathLike)) else None,
+            "knowledge": sources["knowledge"], "general": sources["general"],
             "knowledge_weight": knowledge_weight, "old_weight": old_weight, "max_length": max_length,
             "trainable_parameters": trainable, "total_parameters": total,
             "train_gate": train_gate, "train_lm_head": train_lm_head,

@@ -72,6 +72,9 @@ def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArg
         per_device_train_batch_size=16, per_device_eval_batch_size=32, num_train_epochs=10,
         logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
         dataloader_pin_memory=False, disable_tqdm=False, seed=0,
+        # Without a GPU (or other accelerator), use_cpu lets `torchrun --nproc_per_node N` run
+        # N CPU processes under DDP (gloo); without it Trainer stays single-process on CPU.
+        use_cpu=not _accelerator_available(),
     )
     kw.update(overrides)
     import inspect
@@ -81,6 +84,13 @@ def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArg
     if unknown:
         raise TypeError(f"training_arguments: {unknown} are not TrainingArguments fields")
     return transformers.TrainingArguments(**kw)
+
+
+def _accelerator_available() -> bool:
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
 
 
 class StepTimer(transformers.TrainerCallback):
