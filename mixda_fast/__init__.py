@@ -16,6 +16,8 @@ from .ops import get_backend, kernels_available, set_backend
 from .patching import adapters_disabled, is_patched, mixda_modules, patch_model, unpatch_model
 from .saving import AdapterFileNotFoundError, load_adapters, save_adapters
 from .trainable import count_parameters, mark_trainable
+from .training import (add_task_adapters, load_task_adapters, remove_task_adapters, save_task_adapters,
+                       task_adapter_modules)
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,6 @@ __all__ = [
     "kernels_available", "set_backend", "get_backend", "__version__",
     "MoDEConfig", "MoDEBlock", "mode_blocks", "experts_disabled", "gate_forced",
     "save_experts", "load_experts", "compose_experts",
+    "add_task_adapters", "remove_task_adapters", "task_adapter_modules", "save_task_adapters",
+    "load_task_adapters",
 ]

@@ -1,7 +1,37 @@
-"""MixDA two-stage training (DESIGN.md section 2): data, losses, task adapters, Trainer."""
+"""MixDA two-stage training (DESIGN.md section 2) on HuggingFace ``Trainer``.
+
+- :mod:`.data`: knowledge / general-text / task files via ``datasets``, whole-span masking,
+  the k-shot sampler, collators;
+- :mod:`.losses`: L_knowledge, L_old (from ``MixDAFFN.capture``), the stage-1 model wrapper;
+- :mod:`.task_adapters`: Pfeiffer / Houlsby task adapters;
+- :mod:`.trainer`: ``MixDATrainer`` (custom ``compute_loss``, trainable-only checkpoints);
+- :mod:`.stage1`, :mod:`.stage2`, :mod:`.evaluate`: the stages and their metrics;
+- :mod:`.model_bench`: model-level speed against LoRA and full fine-tuning.
+
+The task-adapter functions are imported eagerly (torch only); the rest loads transformers and
+datasets, so it is imported on first use (``mixda_fast.training.run_stage1`` works).
+"""
 
 from .task_adapters import (TaskAdapter, add_task_adapters, has_task_adapters, load_task_adapters,
                             remove_task_adapters, save_task_adapters, task_adapter_modules)
 
+_LAZY = {
+    "run_stage1": "stage1", "load_lm": "stage1", "default_layers": "stage1",
+    "run_stage2": "stage2", "build_stage2_model": "stage2", "load_run": "stage2", "read_run": "stage2",
+    "MixDATrainer": "trainer", "training_arguments": "trainer", "accuracy_and_macro_f1": "trainer",
+    "Stage1Model": "losses", "knowledge_loss": "losses", "old_knowledge_loss": "losses",
+    "fact_exact_match": "evaluate", "evaluate_task": "evaluate", "general_drift": "evaluate",
+    "DataFileError": "data", "load_knowledge": "data", "load_texts": "data", "load_task": "data",
+    "kshot_sample": "data",
+}
+
 __all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_adapter_modules",
-           "has_task_adapters", "save_task_adapters", "load_task_adapters"]
+           "has_task_adapters", "save_task_adapters", "load_task_adapters", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

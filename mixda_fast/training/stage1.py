@@ -94,7 +94,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
                train_lm_head: bool = False, training_args: Optional[dict] = None,
                resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
                base_model_path: Optional[str] = None, save: bool = True,
-               data_sources: Optional[dict] = None) -> Stage1Result:
+               data_sources: Optional[dict] = None, gate_learning_rate: Optional[float] = None) -> Stage1Result:
     """Train the domain adapter ``domain`` of ``model`` (a masked or causal LM; patched here with
     ``config``, default one adapter on :func:`default_layers`, unless already patched).
 
@@ -103,7 +103,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     L_old off, with a warning). ``training_args``: overrides of :func:`training_arguments`
     (defaults: lr 1e-4, AdamW with weight decay 0.05, linear decay, 10 epochs, batch 16).
     ``data_sources``: {"knowledge": path, "general": path} to record in the manifest when the
-    data are passed as datasets. Under DDP only the main process writes the output files.
+    data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone.
+    Under DDP only the main process writes the output files.
     """
     if not isinstance(domain, str) or not domain:
         raise TypeError(f"run_stage1: domain={domain!r} is not accepted: expected a non-empty str")
@@ -150,7 +151,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     wrapper = Stage1Model(model, causal)
     trainer = MixDATrainer(model=wrapper, args=args, train_dataset=train_ds, data_collator=collator,
                            callbacks=[timer, *callbacks], knowledge_weight=knowledge_weight,
-                           old_weight=old_weight if gds is not None else 0.0)
+                           old_weight=old_weight if gds is not None else 0.0,
+                           gate_learning_rate=gate_learning_rate)
     trainable, total = count_parameters(model)
     logger.info("stage 1: domain %r, layers %s, %d of %d parameters train", domain, config.layers, trainable, total)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)

@@ -127,10 +127,16 @@ class MixDATrainer(transformers.Trainer):
     """``Trainer`` whose ``compute_loss`` adds ``knowledge_weight * L_knowledge + old_weight *
     L_old`` for stage 1 and whose checkpoints hold the trainable parameters only."""
 
-    def __init__(self, *args, knowledge_weight: float = 0.5, old_weight: float = 1.0, **kwargs):
+    def __init__(self, *args, knowledge_weight: float = 0.5, old_weight: float = 1.0,
+                 gate_learning_rate: Optional[float] = None, **kwargs):
         for name, value in (("knowledge_weight", knowledge_weight), ("old_weight", old_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"MixDATrainer: {name}={value!r} is not accepted: expected a float >= 0")
+        if gate_learning_rate is not None and (isinstance(gate_learning_rate, bool) or
+                                               not isinstance(gate_learning_rate, (int, float)) or gate_learning_rate <= 0):
+            raise ValueError(f"MixDATrainer: gate_learning_rate={gate_learning_rate!r} is not accepted: expected None "
+                             "(the learning rate of everything else) or a float > 0")
+        self.gate_learning_rate = gate_learning_rate
         super().__init__(*args, **kwargs)
         self.knowledge_weight = float(knowledge_weight)
         self.old_weight = float(old_weight)
@@ -157,6 +163,27 @@ class MixDATrainer(transformers.Trainer):
                     logs[k] = round(float(np.mean(v)), 6)
                     v.clear()
         super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with ``gate_learning_rate`` the gate parameters get their own
+        peak learning rate (the schedule scales every group alike)."""
+        if self.gate_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        from ..layer import MixDAGate
+
+        gate = {id(p) for m in opt_model.modules() if isinstance(m, MixDAGate) for p in m.parameters()}
+        groups: dict = {}
+        for n, p in opt_model.named_parameters():
+            if p.requires_grad:
+                lr = self.gate_learning_rate if id(p) in gate else self.args.learning_rate
+                groups.setdefault((lr, self.args.weight_decay if n in decay else 0.0), []).append(p)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        self.optimizer = optimizer_cls([{"params": ps, "lr": lr, "weight_decay": wd}
+                                        for (lr, wd), ps in groups.items()], lr=self.args.learning_rate, **kwargs)
+        return self.optimizer
 
     # -- checkpoints: trainable parameters only ---------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
