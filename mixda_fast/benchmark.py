@@ -613,9 +613,9 @@ def _shape_arg(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m mixda_fast.benchmark") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mixda_fast.benchmark",
+        prog=prog,
         description="Time one patched MixDA layer against the host's plain FFN, the eager and "
                     "torch.compile'd paper formulation and the folded torch formulation "
                     "(DESIGN.md section 5). With no grid arguments it runs the default subset: "
@@ -684,8 +684,8 @@ def _load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m mixda_fast.benchmark") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = _specs_from_args(args)
