@@ -33,7 +33,8 @@ def plot_all(results: dict, out_dir) -> list[Path]:
             axes[0].plot(x, y, label=name, color=COLORS.get(name))
         x, y = _curve(r["stage2"]["history"], "loss")
         axes[1].plot(x, y, label=name, color=COLORS.get(name))
-    axes[0].set(title="stage 1: knowledge loss (masked-LM CE on facts)", xlabel="step", ylabel="cross-entropy")
+    axes[0].set(title="stage 1: knowledge loss (masked-LM CE on facts)", xlabel="step", ylabel="cross-entropy",
+                yscale="log")
     axes[1].set(title="stage 2: task loss (k-shot classification)", xlabel="step", ylabel="cross-entropy")
     for ax in axes:
         ax.legend()
@@ -43,30 +44,42 @@ def plot_all(results: dict, out_dir) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    metrics = [("fact exact-match", lambda r: r["stage1"]["fact_exact_match"] if r.get("stage1") else results["base"]["fact_exact_match"]),
-               ("task accuracy", lambda r: r["stage2"]["accuracy"]),
-               ("task macro-F1", lambda r: r["stage2"]["macro_f1"])]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    metrics = [("fact exact-match\n(after stage 1)",
+                lambda r: r["stage1"]["fact_exact_match"] if r.get("stage1") else results["base"]["fact_exact_match"]),
+               ("task accuracy\n(held-out people)", lambda r: r["stage2"]["accuracy"]),
+               ("task macro-F1\n(held-out people)", lambda r: r["stage2"]["macro_f1"])]
     width = 0.8 / len(methods)
     for i, name in enumerate(methods):
         r = results["methods"][name]
         vals = [f(r) for _, f in metrics]
         xs = [j + i * width for j in range(len(metrics))]
         ax.bar(xs, vals, width, label=name, color=COLORS.get(name))
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(results["chance_accuracy"], color="black", lw=0.8, ls="--", label="chance (task)")
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(metrics))], [m for m, _ in metrics])
-    ax.set(ylim=(0, 1), title="knowledge and task results (held-out people for the task)")
-    ax.legend(fontsize=8)
+    ax.set(ylim=(0, 1.08), title="knowledge and task (higher is better)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=5, frameon=False)
+    names = [n for n in methods if results["methods"][n].get("stage1")]
+    drift = [results["methods"][n]["stage1"]["drift"] for n in names]
+    ax2.bar(names, drift, color=[COLORS.get(n) for n in names])
+    for i, v in enumerate(drift):
+        ax2.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax2.set(title="general-text drift after stage 1\n(lower is better)", ylabel="mean ||h - h_base|| / ||h_base||")
+    ax2.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, stage in zip(axes, ("stage1", "stage2")):
         names = [n for n in methods if results["methods"][n].get(stage)]
         vals = [1000 * results["methods"][n][stage]["step_time"] for n in names]
-        ax.bar(names, vals, color=[COLORS.get(n) for n in names])
+        labels = [n + ("\n(facts + general-text\npass for L_old)" if n == "MixDA" and stage == "stage1" else "")
+                  for n in names]
+        ax.bar(labels, vals, color=[COLORS.get(n) for n in names])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
         ax.set(title=f"{'stage 1' if stage == 'stage1' else 'stage 2'}: median time per training step",
