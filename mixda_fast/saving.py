@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -83,22 +83,30 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     metadata = {"format": FORMAT, "kind": "all" if domain is None else "domain",
                 "model_type": state.model_type, "config": state.config.to_json(),
                 "layers": json.dumps(state.layers), "domain": domain or ""}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    return save_safetensors_atomic(tensors, path, metadata)
+
+
+def replace_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``: readers
+    see the old file or the new one, never half of one. On failure the temporary is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        _unlink_quietly(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
-    return path
 
 
-def _unlink_quietly(tmp: str) -> None:
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
+def save_safetensors_atomic(tensors: dict, path: Union[str, os.PathLike], metadata: dict) -> Path:
+    """safetensors ``save_file`` through :func:`replace_atomically`; returns ``path``."""
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return Path(path)
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

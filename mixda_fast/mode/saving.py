@@ -10,18 +10,15 @@ files are written to a temporary name and renamed (mixda_fast.saving's house sty
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..saving import AdapterFileNotFoundError, _as_path, _unlink_quietly
+from ..saving import AdapterFileNotFoundError, _as_path, save_safetensors_atomic
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
@@ -63,15 +60,7 @@ def _metadata(model: nn.Module, kind: str, domain: Optional[str]) -> dict[str, s
 
 
 def _write(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return path
+    return save_safetensors_atomic(tensors, path, metadata)
 
 
 def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None) -> Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -37,10 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..families import FamilySpec, family_of
 from ..patching import base_model_of
+from ..saving import save_safetensors_atomic
 
 __all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_adapter_modules",
            "has_task_adapters", "save_task_adapters", "load_task_adapters", "TASK_ADAPTER_KINDS",
@@ -234,22 +233,10 @@ def save_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
                for key, mod in task_adapter_modules(model).items() for pname, p in mod.named_parameters()}
     info = getattr(model, _INFO)
     metadata = {"format": TASK_ADAPTER_FORMAT, "info": json.dumps(info, sort_keys=True)}
-    _atomic_save(tensors, path, metadata)
+    save_safetensors_atomic(tensors, path, metadata)
     return path
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:

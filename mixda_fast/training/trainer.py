@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -28,9 +27,9 @@ import torch
 import torch.nn as nn
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .losses import Stage1Model
+from ..saving import replace_atomically, save_safetensors_atomic
 
 __all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
            "training_arguments", "TRAINABLE_FILE"]
@@ -194,17 +193,7 @@ class MixDATrainer(transformers.Trainer):
         params = _trainable(_unwrap(self.model))
         tensors = {n: p.detach().contiguous().cpu() for n, p in params.items()}
         path = os.path.join(output_dir, TRAINABLE_FILE)
-        fd, tmp = tempfile.mkstemp(prefix=TRAINABLE_FILE + ".", suffix=".tmp", dir=output_dir)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "mixda_fast.trainable/1"})
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        save_safetensors_atomic(tensors, path, {"format": "mixda_fast.trainable/1"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -234,16 +223,9 @@ class MixDATrainer(transformers.Trainer):
 
 def write_json_atomic(path: str, data: Any) -> None:
     """json.dump to a temp file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    replace_atomically(path, write)
