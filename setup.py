@@ -104,7 +104,7 @@ def get_extensions():
     ]
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
-                  py_limited_api=True)
+                  py_limited_api=True, depends=_sources("csrc/*.h"))
 
     skip = _cuda_skip_reason(torch, CUDA_HOME)
     if skip:

@@ -141,6 +141,14 @@ def activation_code(act: nn.Module) -> Optional[int]:
     return None
 
 
+def _packable(params: list) -> bool:
+    """Plain Parameters (no tensor subclass, not meta) of one shape, dtype and device."""
+    p0 = params[0]
+    return all(type(p) is nn.Parameter and p.layout == torch.strided and not p.is_meta
+               and p.shape == p0.shape and p.dtype == p0.dtype and p.device == p0.device
+               for p in params)
+
+
 def _plain_projection(m: nn.Module) -> bool:
     """nn.Linear or transformers' Conv1D exactly, without hooks: its forward is x W^T + b."""
     return ((type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
@@ -198,6 +206,7 @@ class MixDAFFN(nn.Module):
             for name in config.domains})
         self.gate = MixDAGate(z_width, config.num_experts, config.gate_hidden, config.gate_layers,
                               config.gate_dropout, **factory)
+        self.pack_adapters()
 
     # -- host parts -------------------------------------------------------------------------
     def _sub(self, path: str) -> nn.Module:
@@ -233,6 +242,8 @@ class MixDAFFN(nn.Module):
     def _fused_forward(self, x: torch.Tensor, host):
         """(y, f), both (B, T, D), through ops.ffn_in and ops.mixda_out."""
         w1, b1, w3, b3, code, w2, b2 = host
+        if not torch.compiler.is_compiling() and not self.adapters_packed():
+            self.pack_adapters()                                 # after a parameter was replaced
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)                                 # (N, d)
         h2, _ = ops.ffn_in(x2, w1, b1, w3, b3, code)             # (N, F)
@@ -246,6 +257,41 @@ class MixDAFFN(nn.Module):
                               logits.reshape(-1, logits.shape[-1]))
         D = y2.shape[1]
         return y2.view(B, T, D), p[:, :D].view(B, T, D)
+
+    # -- packed adapter weights ---------------------------------------------------------------
+    def _down_params(self) -> tuple[list, list]:
+        ads = list(self.adapters.values())
+        return [a.down.weight for a in ads], [a.down.bias for a in ads]
+
+    def adapters_packed(self) -> bool:
+        """True when the K adapters' down-projection weights and biases each lie back to back in
+        one buffer (:meth:`pack_adapters`), the layout the fused kernel runs as a single GEMM."""
+        ws, bs = self._down_params()
+        return ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None
+
+    @torch.no_grad()
+    def pack_adapters(self) -> bool:
+        """Lay the K adapters' down-projection weights (r, Din) and biases (r,) out back to back
+        in one buffer each and make the parameters views of it, as ``nn.LSTM.flatten_parameters()``
+        does: ``h @ [Wdown_1 .. Wdown_K]^T`` is then one GEMM, with nothing copied per call.
+
+        In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into the
+        buffer, so it is never stale. A replaced parameter (a new Parameter or module, ``.to()``)
+        is no longer a view of it: the kernel then runs one GEMM per adapter, exactly as correct,
+        and the next forward packs again. Values, Parameter objects (so optimizer state),
+        ``requires_grad`` and flags are kept. Returns whether the adapters are packed."""
+        ws, bs = self._down_params()
+        if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
+            return False
+        if ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None:
+            return True
+        with torch.inference_mode(False):              # plain tensors, usable by autograd later
+            for params in (ws, bs):
+                flat = torch.cat([p.detach() for p in params])             # (K r, Din) or (K r,)
+                r = params[0].shape[0]
+                for k, p in enumerate(params):
+                    p.data = flat[k * r:(k + 1) * r]
+        return True
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         return self._sub(self._spec.post)(y) if self._spec.post else y

@@ -111,6 +111,33 @@ def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: lis
     return mixda_out_ref(h, z, w2, b2, wdown, bdown, wup, bup, logits)
 
 
+def packed_rows(ts) -> Optional[Tensor]:
+    """Mirror of csrc/packed_rows.h: if the tensors are contiguous, of one shape and dtype, and lie
+    back to back in one storage (``MixDAFFN.pack_adapters``), a (K * rows, ...) view over all of
+    them (``ts[0]`` for K = 1); else None. Always None while tracing (fake tensors have no storage
+    to compare), where the per-adapter path is exactly as correct."""
+    ts = list(ts)
+    if not ts or torch.compiler.is_compiling():
+        return None
+    t0 = ts[0]
+    if type(t0) not in (Tensor, torch.nn.Parameter) or t0.dim() < 1 or not t0.is_contiguous() or t0.is_meta:
+        return None
+    if len(ts) == 1:
+        return t0
+    base, n = t0.untyped_storage().data_ptr(), t0.numel()
+    for k, t in enumerate(ts[1:], 1):
+        if (type(t) not in (Tensor, torch.nn.Parameter) or not t.is_contiguous() or t.shape != t0.shape
+                or t.dtype != t0.dtype or t.device != t0.device
+                or t.untyped_storage().data_ptr() != base
+                or t.storage_offset() != t0.storage_offset() + k * n):
+            return None
+    size = (len(ts) * t0.shape[0], *t0.shape[1:])
+    stride = [1] * len(size)
+    for d in range(len(size) - 2, -1, -1):
+        stride[d] = stride[d + 1] * size[d + 1]
+    return t0.as_strided(size, stride, t0.storage_offset())
+
+
 def _fp32_gemm_for_16bit() -> bool:
     """True when this CPU has no native bf16/fp16 dot products (no AVX512-BF16 / AMX): there a
     bf16 GEMM runs ~4x slower than the same GEMM in float32, so the kernels compute 16-bit
@@ -263,17 +290,26 @@ if _ext.EXT_AVAILABLE:
         grads = [None] * 4 + [[None] * K for _ in range(4)] + [None]   # list inputs take lists
         if need[0]:
             grads[0] = _mm(gf, w2, h.dtype)
+        wd_all = packed_rows(wdown)                      # packed adapters: one GEMM, not K
         if need[1]:
-            gz = _mm(ga[0], wdown[0], _acc(z.dtype))
-            for k in range(1, K):
-                gz = gz + _mm(ga[k], wdown[k], _acc(z.dtype))
-            grads[1] = gz.to(z.dtype)
+            if wd_all is not None:
+                grads[1] = _mm(grad_p[:, D:], wd_all, z.dtype)
+            else:
+                gz = _mm(ga[0], wdown[0], _acc(z.dtype))
+                for k in range(1, K):
+                    gz = gz + _mm(ga[k], wdown[k], _acc(z.dtype))
+                grads[1] = gz.to(z.dtype)
         if need[2]:
             grads[2] = _mm(gf.t(), h, w2.dtype)
         if need[3]:
             grads[3] = gf.sum(0, dtype=_acc(grad_p.dtype)).to(ctx.b2_dtype)
-        if _needs(need[4]):
-            grads[4] = [_mm(ga[k].t(), z, wdown[k].dtype) for k in range(K)]
+        need4 = list(need[4]) if isinstance(need[4], (list, tuple)) else [bool(need[4])] * K
+        if any(need4):
+            if wd_all is not None and all(need4):
+                grads[4] = list(_mm(grad_p[:, D:].t(), z, wd_all.dtype).split(r))
+            else:
+                grads[4] = [_mm(ga[k].t(), z, wdown[k].dtype) if need4[k] else None
+                            for k in range(K)]
         if _needs(need[5]):
             grads[5] = [ga[k].sum(0, dtype=_acc(grad_p.dtype)).to(ctx.bdown_dtype) for k in range(K)]
         if _needs(need[6]):

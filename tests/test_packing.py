@@ -2,10 +2,12 @@
 step, in-place write through ``.data``, a new Parameter object, ``load_state_dict``, ``.to``)
 the patched layer's output follows, in inference mode and under autograd alike.
 
-The kernels pack [Wdown_1..K], [Wup_1..K] (and, for 16-bit inputs on CPUs without native bf16
-GEMMs, float32 copies of every weight) once per call from the live parameters: nothing is kept
-between calls. A cache keyed on ``Tensor._version`` would miss ``p.data.add_()``, which bumps
-no version counter; these tests cover exactly those cases."""
+Packed weights: ``MixDAFFN.pack_adapters`` (run at patch time and again by the first forward
+after a parameter was replaced) makes the K down-projection weights and biases views of one
+buffer each, like ``nn.LSTM.flatten_parameters``; the kernel then runs them as one GEMM. In-place
+changes, even ``p.data.add_()`` (which bumps no version counter, so a cache keyed on
+``Tensor._version`` would miss it), land in that buffer. Host weights and 16-bit -> float32
+copies are read from the live parameters on every call. These tests cover all of it."""
 
 import pytest
 import torch
@@ -135,3 +137,96 @@ def test_same_result_as_the_torch_backend_after_changes():
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     finally:
         ops.set_backend(before)
+
+
+def _addmm_calls(layer, x) -> int:
+    with torch.profiler.profile() as prof, torch.no_grad():
+        layer(x)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
+
+
+@pytest.mark.skipif(not ops.kernels_available(), reason="no compiled kernels")
+def test_packed_adapters_repack_after_a_parameter_is_replaced():
+    model, layer = _layer(family="bert")
+    K = len(layer.adapters)
+    x = torch.randn(2, 5, layer.hidden_size)
+    assert layer.adapters_packed()
+    flat = ops.packed_rows([a.down.weight for a in layer.adapters.values()])
+    assert flat is not None and flat.shape == (K * layer.bottleneck, layer.intermediate_size)
+    packed_calls = _addmm_calls(layer, x)
+    ad = layer.adapters["domain_0"]
+    ad.down.weight = torch.nn.Parameter(ad.down.weight.detach() + 0.5)   # not a view of the buffer
+    assert not layer.adapters_packed()
+    want = _paper(layer, x)
+    torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
+    assert layer.adapters_packed()                            # that forward packed again
+    assert _addmm_calls(layer, x) == packed_calls
+    torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ops.kernels_available(), reason="no compiled kernels")
+def test_op_takes_one_gemm_for_packed_and_k_for_separate_weights():
+    torch.manual_seed(0)
+    N, F, D, r, K = 6, 16, 8, 4, 3
+    h, w2, b2 = torch.randn(N, F), torch.randn(D, F), torch.randn(D)
+    flat_w, flat_b = torch.randn(K * r, F), torch.randn(K * r)
+    wd, bd = list(flat_w.split(r)), list(flat_b.split(r))
+    wu, bu = [torch.randn(D, r) for _ in range(K)], [torch.randn(D) for _ in range(K)]
+    logits = torch.randn(2, K + 1)
+
+    def run(wd, bd):
+        with torch.profiler.profile() as prof:
+            y, p = torch.ops.mixda_fast.mixda_out.default(h, h, w2, b2, wd, bd, wu, bu, logits)
+        calls = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
+        return y, p, calls
+
+    y1, p1, packed = run(wd, bd)
+    y2, p2, separate = run([w.clone() for w in wd], [b.clone() for b in bd])
+    assert separate - packed == K - 1
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
+    want_y, want_p = ops.mixda_out_ref(h, h, w2, b2, wd, bd, wu, bu, logits)
+    torch.testing.assert_close(y1, want_y, rtol=1e-5, atol=1e-5)
+    assert ops.packed_rows(wd[::-1]) is None and ops.packed_rows(wd[:2]) is not None
+
+
+def test_in_place_writes_land_in_the_packed_buffer():
+    model, layer = _layer()
+    ws = [a.down.weight for a in layer.adapters.values()]
+    flat = ops.packed_rows(ws)
+    ws[1].data.add_(1.0)                                      # no version bump, still seen
+    torch.testing.assert_close(flat[layer.bottleneck:2 * layer.bottleneck], ws[1].detach())
+    assert ops.packed_rows(ws).data_ptr() == flat.data_ptr()
+
+
+@pytest.mark.parametrize("domain", [None, "domain_1"])
+def test_gradients_with_packed_adapters_match_the_paper_form(domain):
+    grads = {}
+    for formulation in ("fused", "paper"):
+        torch.manual_seed(0)
+        model, layer = _layer(family="bert", gate="token")
+        mf.mark_trainable(model, "domain", domain=domain) if domain else mf.mark_trainable(model, "domain")
+        assert layer.adapters_packed()
+        layer.formulation = formulation
+        x = torch.randn(2, 5, layer.hidden_size, requires_grad=True)
+        layer(x).square().sum().backward()
+        grads[formulation] = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+        grads[formulation]["x"] = x.grad
+    assert grads["fused"].keys() == grads["paper"].keys()
+    for name, g in grads["paper"].items():
+        torch.testing.assert_close(grads["fused"][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_repacking_in_inference_mode_leaves_trainable_parameters():
+    model, layer = _layer()
+    model.to(torch.float64).to(torch.float32)                 # .to() replaces every parameter
+    assert not layer.adapters_packed()
+    x = torch.randn(2, 5, layer.hidden_size)
+    with torch.inference_mode():
+        layer(x)
+    assert layer.adapters_packed()
+    mf.mark_trainable(model, "domain")
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    layer(x).square().sum().backward()                        # no inference tensors saved
+    opt.step()
+    _check(layer, x, "grad", torch.float32)

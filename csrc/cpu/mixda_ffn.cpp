@@ -30,6 +30,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "../packed_rows.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
@@ -248,10 +250,19 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cpu(const at::Tensor& h, const at::
 
   const at::Tensor W2 = to_ct(w2, ct);
   const std::optional<at::Tensor> B2 = to_ct(b2, ct);
+  // Packed down-projections (see packed_rows.h): one GEMM for all K adapters; else one each.
+  const std::optional<at::Tensor> wd_all = packed_rows(wdown), bd_all = packed_rows(bdown);
+  const bool packed = wd_all.has_value() && bd_all.has_value();
   std::vector<at::Tensor> Wd, Bd, Wu;
+  if (packed) {
+    Wd.push_back(to_ct(*wd_all, ct));
+    Bd.push_back(to_ct(*bd_all, ct));
+  }
   for (int64_t k = 0; k < K; ++k) {
-    Wd.push_back(to_ct(wdown[k], ct));
-    Bd.push_back(to_ct(bdown[k], ct));
+    if (!packed) {
+      Wd.push_back(to_ct(wdown[k], ct));
+      Bd.push_back(to_ct(bdown[k], ct));
+    }
     Wu.push_back(to_ct(wup[k], ct));
   }
   const at::Tensor Bu = at::stack(bup).to(ct);          // (K, D)
@@ -267,8 +278,9 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cpu(const at::Tensor& h, const at::
     at::Tensor yb = convert ? at::empty({n, D}, copt) : y.narrow(0, r0, n);
     const at::Tensor f = pb.narrow(1, 0, D);
     gemm_bias_out(f, hb, W2, B2);                                            // f = h w2^T + b2
-    for (int64_t k = 0; k < K; ++k) {
-      gemm_bias_out(pb.narrow(1, D + k * r, r), zb, Wd[k], Bd[k]);           // adapter pre-activations
+    const int64_t rw = packed ? K * r : r;                                  // rows per down GEMM
+    for (size_t k = 0; k < Wd.size(); ++k) {
+      gemm_bias_out(pb.narrow(1, D + k * rw, rw), zb, Wd[k], Bd[k]);        // adapter pre-activations
     }
     const at::Tensor gb = g.narrow(0, r0, n);                             // (n, E)
     const at::Tensor gk = gb.narrow(1, 0, K);                             // (n, K)

@@ -21,6 +21,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../packed_rows.h"
+
 namespace mixda_fast {
 namespace {
 
@@ -221,8 +223,13 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cuda_launch(
   if (N == 0) return {y, p};
   gemm_bias_out(p.narrow(1, 0, D), h, as(w2, dt),
                 b2.has_value() ? std::optional<at::Tensor>(as(*b2, dt)) : std::nullopt);
-  for (int64_t k = 0; k < K; ++k) {
-    gemm_bias_out(p.narrow(1, D + k * r, r), z, as(wdown[k], dt), as(bdown[k], dt));
+  const std::optional<at::Tensor> wd_all = packed_rows(wdown), bd_all = packed_rows(bdown);
+  if (wd_all.has_value() && bd_all.has_value()) {  // packed adapters: one GEMM (packed_rows.h)
+    gemm_bias_out(p.narrow(1, D, K * r), z, as(*wd_all, dt), as(*bd_all, dt));
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      gemm_bias_out(p.narrow(1, D + k * r, r), z, as(wdown[k], dt), as(bdown[k], dt));
+    }
   }
   const at::Tensor g = row_gates(logits, N, acc);                    // (N, E) in acc
   at::Tensor s = at::empty({N, K * r}, h.options().dtype(acc));
