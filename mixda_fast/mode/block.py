@@ -102,6 +102,8 @@ class _SlotCache:
         return self._cache.update(key_states, value_states, self._slot, *args, **kwargs)
 
     def __getattr__(self, name):
+        if name in _SlotCache.__slots__:   # not set yet (torch.compile builds the object in two steps)
+            raise AttributeError(name)
         return getattr(self._cache, name)
 
 
@@ -288,6 +290,11 @@ class MoDEBlock(nn.Module):
     def _batched_ok(self) -> bool:
         if self.num_experts == 1:
             return False  # nothing to batch; the fused combine still runs
+        if torch.compiler.is_compiling():
+            # The batched path swaps layers' ``forward`` for the call (``_forward_replaced``),
+            # which dynamo cannot trace; under torch.compile the experts run one by one and the
+            # compiler fuses what it can (the fused combine still runs).
+            return False
         if self.execution == "auto" and torch.is_grad_enabled() and any(
                 p.requires_grad for p in self.experts.parameters()):
             return False  # restacking the weights every step costs more than batching saves (CPU)
