@@ -277,6 +277,51 @@ void check_mixda_out_backward_args(const at::Tensor& grad_y, const at::Tensor& p
               "), got ", logits.scalar_type(), ", ", logits.device());
 }
 
+// gate_mlp(z (N, Din), weights [(H_1, Din), (H_2, H_1), .., (E, H_{L-1})], biases [(H_i,)])
+void check_gate_mlp_args(const char* op, const at::Tensor& z, at::TensorList weights,
+                         at::TensorList biases) {
+  check_input(op, "z", z, "(N, Din)");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L, op,
+              ": weights and biases must each hold L >= 1 tensors (one per Linear layer), got ",
+              weights.size(), " and ", biases.size());
+  int64_t width = z.size(1);
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == width, op, ": weights[", i, "] must have shape (out, ", width,
+                ") (its input width: ", i == 0 ? "z.size(1)" : "the previous layer's out", "), got ",
+                w.sizes());
+    check_weight_dtype(op, "weights[i]", w, z, "z");
+    check_vector(op, "biases[i]", biases[i], w.size(0), "(out,) with out = weights[i].size(0)");
+    TORCH_CHECK(biases[i].scalar_type() == w.scalar_type() && biases[i].device() == w.device(), op,
+                ": biases[", i, "] must have the dtype and device of weights[", i, "] (", w.scalar_type(),
+                ", ", w.device(), "), got ", biases[i].scalar_type(), ", ", biases[i].device());
+    width = w.size(0);
+  }
+}
+
+// gate_mlp_backward(grad_logits (N, E), z (N, Din), weights, hidden [(N, H_i)] x (L - 1))
+void check_gate_mlp_backward_args(const at::Tensor& grad_logits, const at::Tensor& z,
+                                  at::TensorList weights, at::TensorList hidden) {
+  constexpr const char* op = "gate_mlp_backward";
+  check_input(op, "z", z, "(N, Din)");
+  const int64_t L = static_cast<int64_t>(weights.size()), N = z.size(0);
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(hidden.size()) == L - 1, op,
+              ": hidden must hold L - 1 = ", L - 1, " tensors (one per layer but the last), got ",
+              hidden.size());
+  for (int64_t i = 0; i < L; ++i) {
+    TORCH_CHECK(weights[i].dim() == 2, op, ": weights[", i, "] must be 2-d, got ", weights[i].sizes());
+    check_weight_dtype(op, "weights[i]", weights[i], z, "z");
+    const at::Tensor& out = i + 1 < L ? hidden[i] : grad_logits;
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == weights[i].size(0), op, ": ",
+                i + 1 < L ? "hidden[i]" : "grad_logits", " (i = ", i, ") must have shape (N, out) = [", N,
+                ", ", weights[i].size(0), "], got ", out.sizes());
+    TORCH_CHECK(out.scalar_type() == z.scalar_type() && out.device() == z.device(), op, ": ",
+                i + 1 < L ? "hidden[i]" : "grad_logits", " must have the dtype and device of z (",
+                z.scalar_type(), ", ", z.device(), "), got ", out.scalar_type(), ", ", out.device());
+  }
+}
+
 TORCH_LIBRARY(mixda_fast, m) {
   // out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]
   // Softmax and accumulation in float32 for 16-bit dtypes (float64 for float64).
@@ -313,6 +358,15 @@ TORCH_LIBRARY(mixda_fast, m) {
   m.def(
       "mixda_out_backward(Tensor grad_y, Tensor p, Tensor logits, Tensor[] wup, Tensor[] bup) -> "
       "(Tensor grad_p, Tensor grad_logits, Tensor s, Tensor grad_bup)",
+      {at::Tag::pt2_compliant_tag});
+  // The gate MLP (MixDAGate without dropout): a_0 = z; a_i = relu(a_{i-1} W_i^T + b_i) for
+  // i < L; logits = a_{L-1} W_L^T + b_L. hidden = [a_1 .. a_{L-1}] for the backward. 16-bit z on
+  // CPUs without native bf16 GEMMs: computed in float32 end to end, rounded once at the end.
+  m.def("gate_mlp(Tensor z, Tensor[] weights, Tensor[] biases) -> (Tensor logits, Tensor[] hidden)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "gate_mlp_backward(Tensor grad_logits, Tensor z, Tensor[] weights, Tensor[] hidden) -> "
+      "(Tensor grad_z, Tensor[] grad_weights, Tensor[] grad_biases)",
       {at::Tag::pt2_compliant_tag});
 }
 

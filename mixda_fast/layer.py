@@ -297,14 +297,40 @@ class MixDAFFN(nn.Module):
         return self._sub(self._spec.post)(y) if self._spec.post else y
 
     # -- gate -------------------------------------------------------------------------------
+    def _fused_gate_params(self) -> Optional[tuple[list, list]]:
+        """(weights, biases) for ``ops.gate_mlp`` when the fused formulation may run the gate
+        as one op: its dropout inactive (eval mode or p = 0), it and its modules unhooked."""
+        gate = self.gate
+        if self.formulation != "fused" or type(gate) is not MixDAGate or gate._forward_hooks or gate._forward_pre_hooks:
+            return None
+        ws, bs = [], []
+        for m in self.gate:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+            if type(m) is nn.Linear:
+                ws.append(m.weight)
+                bs.append(m.bias)
+            elif type(m) is nn.Dropout:
+                if m.training and m.p > 0:
+                    return None
+            elif type(m) is not nn.ReLU:
+                return None
+        return (ws, bs) if all(b is not None for b in bs) else None
+
+    def _gate(self, z: torch.Tensor) -> torch.Tensor:
+        params = self._fused_gate_params()
+        if params is None:
+            return self.gate(z)
+        return ops.gate_mlp(z.reshape(-1, z.shape[-1]), *params).view(*z.shape[:-1], -1)
+
     def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, E) per sequence from the last non-padding token, or (B, T, E) per token."""
         if self.mixda_config.gate == "token":
-            return self.gate(z)
+            return self._gate(z)
         B, T = z.shape[:2]
         idx = None if self.mixda_config.paper_gate_bug else self._context.last_index(B, T, z.device)
         zl = z[:, -1] if idx is None else z[torch.arange(B, device=z.device), idx]   # (B, Din)
-        return self.gate(zl)
+        return self._gate(zl)
 
     def stacked_adapter_params(self):
         """(down_w (K, r, Din), down_b (K, r), up_w (K, D, r), up_b (K, D)) in domain order."""

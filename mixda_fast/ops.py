@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from .reference import (_check_softmax_combine_args, ffn_in_ref, mixda_out_ref,
+from .reference import (_check_softmax_combine_args, ffn_in_ref, gate_mlp_ref, mixda_out_ref,
                         softmax_combine_ref)
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "softmax_combine",
-           "ffn_in", "mixda_out"]
+           "ffn_in", "mixda_out", "gate_mlp", "packed_rows"]
 
 BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MIXDA_FAST_BACKEND"
@@ -109,6 +109,15 @@ def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: lis
         return torch.ops.mixda_fast.mixda_out.default(h, z, w2, b2, list(wdown), list(bdown), list(wup),
                                                       list(bup), logits)
     return mixda_out_ref(h, z, w2, b2, wdown, bdown, wup, bup, logits)
+
+
+def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
+    """The gate MLP in one op: logits (N, E) of Linear layers with ReLU between them (the
+    ``MixDAGate`` without dropout). z (N, Din); weights (H_1, Din) .. (E, H_{L-1}); biases (H_i,).
+    Differentiable in every tensor. See ``gate_mlp_ref``."""
+    if _use_kernel_for(z):
+        return torch.ops.mixda_fast.gate_mlp.default(z, list(weights), list(biases))[0]
+    return gate_mlp_ref(z, weights, biases)[0]
 
 
 def packed_rows(ts) -> Optional[Tensor]:
@@ -322,3 +331,37 @@ if _ext.EXT_AVAILABLE:
 
     torch.library.register_autograd("mixda_fast::mixda_out", _mixda_out_backward,
                                     setup_context=_mixda_out_setup_context)
+
+    # -- gate_mlp -------------------------------------------------------------------------------
+
+    @torch.library.register_fake("mixda_fast::gate_mlp")
+    def _gate_mlp_fake(z, weights, biases):
+        if z.dim() != 2 or len(weights) < 1:
+            raise RuntimeError(f"gate_mlp: z must have shape (N, Din) and weights L >= 1 tensors, got "
+                               f"{list(z.shape)} and {len(weights)}")
+        N = z.shape[0]
+        return z.new_empty((N, weights[-1].shape[0])), [z.new_empty((N, w.shape[0])) for w in weights[:-1]]
+
+    @torch.library.register_fake("mixda_fast::gate_mlp_backward")
+    def _gate_mlp_backward_fake(grad_logits, z, weights, hidden):
+        return (z.new_empty(z.shape), [w.new_empty(w.shape) for w in weights],
+                [w.new_empty((w.shape[0],)) for w in weights])
+
+    def _gate_mlp_setup_context(ctx, inputs, output) -> None:
+        z, weights, biases = inputs
+        ctx.L = len(weights)
+        ctx.bias_dtypes = [b.dtype for b in biases]
+        ctx.save_for_backward(z, *weights, *output[1])
+
+    def _gate_mlp_backward(ctx, grad_logits: Tensor, grad_hidden):
+        # hidden is returned for this backward only (ops.gate_mlp drops it): not differentiable
+        z, *rest = ctx.saved_tensors
+        weights, hidden = rest[:ctx.L], rest[ctx.L:]
+        grad_z, grad_w, grad_b = torch.ops.mixda_fast.gate_mlp_backward.default(
+            grad_logits, z, list(weights), list(hidden))
+        need = ctx.needs_input_grad
+        return (grad_z if need[0] else None, list(grad_w),
+                [g.to(dt) for g, dt in zip(grad_b, ctx.bias_dtypes)])
+
+    torch.library.register_autograd("mixda_fast::gate_mlp", _gate_mlp_backward,
+                                    setup_context=_gate_mlp_setup_context)

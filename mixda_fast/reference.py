@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref", "ffn_in_backward_ref",
-           "mixda_out_ref", "mixda_out_backward_ref"]
+           "mixda_out_ref", "mixda_out_backward_ref", "gate_mlp_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -177,3 +177,22 @@ def mixda_out_backward_ref(grad_y: Tensor, p: Tensor, logits: Tensor, wup: list[
     y = (g[:, K:] * f if logits.shape[1] == K + 1 else f) + up
     grad_p, grad_logits, grad_bup = torch.autograd.grad(y, (p, logits, bu), grad_y)
     return grad_p, grad_logits, s.detach(), grad_bup
+
+
+def gate_mlp_ref(z: Tensor, weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The gate MLP (``MixDAGate`` in eval mode): Linear layers with ReLU between them.
+
+    Args:
+        z: (N, Din); weights: L tensors (H_1, Din), (H_2, H_1), .., (E, H_{L-1}); biases (H_i,).
+            Weights may be float32 for 16-bit ``z`` (cast to z's dtype here).
+
+    Returns:
+        logits (N, E) and hidden: the L - 1 post-ReLU activations (N, H_i), in z's dtype.
+    """
+    a, hidden = z, []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        a = F.linear(a, w.to(z.dtype), b.to(z.dtype))
+        if i + 1 < len(weights):
+            a = torch.relu(a)
+            hidden.append(a)
+    return a, hidden

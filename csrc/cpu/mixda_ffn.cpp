@@ -87,6 +87,9 @@ void for_row_blocks(int64_t N, Fn fn) {
   });
 }
 
+}  // namespace
+
+// True on CPUs with native bf16 dot products (AVX512-BF16 / AMX); also used by gate_mlp.cpp.
 bool native_16bit_gemm() {
   static const bool native = [] {
     const auto caps = at::cpu::get_cpu_capabilities();
@@ -98,6 +101,8 @@ bool native_16bit_gemm() {
   }();
   return native;
 }
+
+namespace {
 
 // The dtype GEMMs and epilogues run in for inputs of dtype t (see the file comment).
 at::ScalarType compute_dtype(at::ScalarType t) {

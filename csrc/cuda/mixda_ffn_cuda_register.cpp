@@ -13,6 +13,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace mixda_fast {
 
@@ -28,6 +29,14 @@ void check_mixda_out_args(const char* op, const at::Tensor& h, const at::Tensor&
 void check_mixda_out_backward_args(const at::Tensor& grad_y, const at::Tensor& p,
                                    const at::Tensor& logits, at::TensorList wup,
                                    at::TensorList bup);
+
+// Defined in csrc/cpu/gate_mlp.cpp: ATen ops only, so the same functions serve the CUDA key.
+std::tuple<at::Tensor, std::vector<at::Tensor>> gate_mlp_impl(const at::Tensor& z,
+                                                              at::TensorList weights,
+                                                              at::TensorList biases);
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gate_mlp_backward_impl(
+    const at::Tensor& grad_logits, const at::Tensor& z, at::TensorList weights,
+    at::TensorList hidden);
 
 // Defined in csrc/cuda/mixda_ffn.cu.
 std::tuple<at::Tensor, at::Tensor> ffn_in_cuda_launch(const at::Tensor& x, const at::Tensor& w1,
@@ -96,6 +105,8 @@ TORCH_LIBRARY_IMPL(mixda_fast, CUDA, m) {
   m.impl("ffn_in_backward", &ffn_in_backward_cuda);
   m.impl("mixda_out", &mixda_out_cuda);
   m.impl("mixda_out_backward", &mixda_out_backward_cuda);
+  m.impl("gate_mlp", &gate_mlp_impl);
+  m.impl("gate_mlp_backward", &gate_mlp_backward_impl);
 }
 
 }  // namespace mixda_fast
