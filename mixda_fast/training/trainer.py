@@ -164,15 +164,17 @@ class MixDATrainer(transformers.Trainer):
         super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer; with ``gate_learning_rate`` the gate parameters get their own
-        peak learning rate (the schedule scales every group alike)."""
+        """The Trainer's optimizer; with ``gate_learning_rate`` the gate parameters (MixDA gates,
+        MoDE block gates) get their own peak learning rate (the schedule scales every group alike)."""
         if self.gate_learning_rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
         from ..layer import MixDAGate
+        from ..mode.block import MoDEBlock
 
         gate = {id(p) for m in opt_model.modules() if isinstance(m, MixDAGate) for p in m.parameters()}
+        gate |= {id(p) for m in opt_model.modules() if isinstance(m, MoDEBlock) for p in m.gate.parameters()}
         groups: dict = {}
         for n, p in opt_model.named_parameters():
             if p.requires_grad:
