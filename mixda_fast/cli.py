@@ -1,8 +1,12 @@
 """The ``mixda-fast`` command.
 
 - ``stage1``: train a domain adapter on a knowledge file (+ general text for the old-knowledge loss);
+  ``--method mode``: one MoDE expert (+ gates) on the LM loss of a domain corpus;
 - ``stage2``: train a task adapter, the gate and a head on top of K stage-1 domain adapters;
+  ``--method mode --experts DIR ...``: compose N MoDE experts behind (N+1)-way gates and train
+  the gates (and the experts unless ``--freeze-experts``) on mixed-domain text;
 - ``evaluate``: fact exact-match of a stage-1 folder, accuracy and macro-F1 of a stage-2 folder;
+  LM loss, perplexity and token accuracy of a MoDE folder;
 - ``demo``: both stages on the real MiniLM checkpoint against task-adapter-only, LoRA and full
   fine-tuning (table + plots);
 - ``bench``: layer speed against the plain FFN; ``info``: what was built.
@@ -82,8 +86,132 @@ def _resume(value):
     return True if value == "latest" else value
 
 
+METHODS = ("mixda", "mode")
+
+# Options that belong to one method: (flag, dest, default). They parse to None when not given, so a
+# foreign one is an error rather than silently ignored; the default is filled in for the method.
+_ONLY = {
+    ("stage1", "mixda"): [
+        ("--general", "general", None), ("--layers", "layers", None), ("--reduction-factor", "reduction_factor", 16),
+        ("--adapter-input", "adapter_input", "intermediate"), ("--gate", "gate", "sequence"),
+        ("--mixing", "mixing", "paper"), ("--gate-hidden", "gate_hidden", 768), ("--gate-layers", "gate_layers", 4),
+        ("--gate-dropout", "gate_dropout", 0.2), ("--freeze-gate", "freeze_gate", False),
+        ("--train-lm-head", "train_lm_head", False), ("--lambda", "knowledge_weight", 0.5),
+        ("--old-weight", "old_weight", 1.0), ("--general-batch-size", "general_batch_size", None)],
+    ("stage1", "mode"): [
+        ("--num-blocks", "num_blocks", 3), ("--expert-layers", "expert_layers", 2),
+        ("--expert-init", "expert_init", "copy"), ("--execution", "execution", None), ("--eval", "eval", None)],
+    ("stage2", "mixda"): [
+        ("--domains", "domains", None), ("--task", "task", "classification"), ("--labels", "labels", None),
+        ("--task-adapter", "task_adapter", "pfeiffer"), ("--task-reduction-factor", "task_reduction_factor", 16),
+        ("--k-shot", "k_shot", None), ("--warmup-epochs", "warmup_epochs", 2.0)],
+    ("stage2", "mode"): [
+        ("--experts", "experts", None), ("--expert-names", "expert_names", None),
+        ("--freeze-experts", "freeze_experts", False), ("--gate-init", "gate_init", "saved"),
+        ("--execution", "execution", None)],
+}
+# Trainer defaults that differ by method: (lr, epochs). MixDA: the paper's; MoDE stage 2 trains whole
+# expert layers, not small adapters, so it keeps stage 1's learning rate.
+_TRAIN_DEFAULTS = {("stage1", "mixda"): (1e-4, 10.0), ("stage1", "mode"): (1e-4, 10.0),
+                   ("stage2", "mixda"): (5e-4, 20.0), ("stage2", "mode"): (1e-4, 10.0)}
+_METHOD_NAMES = {"mixda": "MixDA", "mode": "MoDE"}
+
+
+def _only_default(command: str, method: str, dest: str):
+    return next(d for _, k, d in _ONLY[(command, method)] if k == dest)
+
+
+def _resolve_method_options(args: argparse.Namespace) -> None:
+    """Refuse the other method's options (naming them), fill in this method's defaults."""
+    command, method = args.command, args.method
+    other = next(m for m in METHODS if m != method)
+    mine = {dest for _, dest, _ in _ONLY[(command, method)]}
+    foreign = [flag for flag, dest, _ in _ONLY[(command, other)]
+               if dest not in mine and getattr(args, dest, None) is not None]
+    if foreign:
+        hint = "add --method mode" if other == "mode" else "drop --method mode (MixDA is the default method)"
+        raise ValueError(f"{', '.join(foreign)} {'is a' if len(foreign) == 1 else 'are'} {_METHOD_NAMES[other]} "
+                         f"option{'s' if len(foreign) > 1 else ''}, not accepted with --method {method}; {hint}. "
+                         f"{_METHOD_NAMES[method]} options: "
+                         f"{', '.join(f for f, _, _ in _ONLY[(command, method)])}")
+    for _, dest, default in _ONLY[(command, method)]:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
+    lr, epochs = _TRAIN_DEFAULTS[(command, method)]
+    if args.lr is None:
+        args.lr = lr
+    if args.epochs is None:
+        args.epochs = epochs
+
+
+def _mode_stage1(args: argparse.Namespace) -> int:
+    from .mode.config import MoDEConfig
+    from .training.data import load_knowledge
+    from .training.mode_stages import run_mode_stage1
+    from .training.stage1 import load_lm
+
+    for f in (args.knowledge, args.eval):               # validate the data before loading the model
+        if f:
+            load_knowledge(f)
+    model, tokenizer, missing = load_lm(args.model)
+    _warn_missing_head(model, missing, args.model, "the experts train against it")
+    extra = {"execution": args.execution} if args.execution else {}
+    config = MoDEConfig(num_blocks=args.num_blocks, domains=[args.domain], expert_layers=args.expert_layers,
+                        expert_init=args.expert_init, **extra)
+    result = run_mode_stage1(model, tokenizer, args.knowledge, args.output, domain=args.domain, config=config,
+                             max_length=args.max_length, training_args=_trainer_overrides(args),
+                             resume_from_checkpoint=_resume(args.resume), base_model_path=os.path.abspath(args.model),
+                             data_sources=[os.path.abspath(args.knowledge)], eval_data=args.eval)
+    if result.files:
+        print(f"stage 1 done: MoDE expert {args.domain!r} in {args.output} ({', '.join(result.files.values())})"
+              + (f"; eval {json.dumps(result.metrics, sort_keys=True)}" if result.metrics else ""))
+    return 0
+
+
+def _mode_stage2(args: argparse.Namespace) -> int:
+    from .training.data import load_knowledge
+    from .training.mode_stages import resolve_expert_file, run_mode_stage2
+    from .training.stage1 import load_lm
+
+    if not args.experts:
+        raise ValueError("--method mode needs --experts DIR [DIR ...]: the output folders of "
+                         "`mixda-fast stage1 --method mode`, one per domain")
+    from .mode.saving import read_expert_metadata
+
+    files = [resolve_expert_file(e) for e in args.experts]   # every input checked before the model is loaded
+    names = args.expert_names or [read_expert_metadata(f)["domain"] for f in files]
+    if len(names) != len(files) or len(set(names)) != len(names):
+        raise ValueError(f"the {len(files)} experts would be named {names}: expert names must be unique, one per "
+                         "--experts entry; name them with --expert-names a,b,...")
+    for f in [*args.train, args.eval]:
+        if f:
+            load_knowledge(f)
+    model, tokenizer, missing = load_lm(args.model)
+    _warn_missing_head(model, missing, args.model, "the gates and experts train against it")
+    result = run_mode_stage2(model, tokenizer, args.train, args.output, experts=args.experts,
+                             expert_names=args.expert_names, freeze_experts=args.freeze_experts,
+                             gate_init=args.gate_init, execution=args.execution, max_length=args.max_length,
+                             training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
+                             base_model_path=os.path.abspath(args.model),
+                             data_sources=[os.path.abspath(f) for f in args.train], eval_data=args.eval)
+    if result.files:
+        print(f"stage 2 done: {len(args.experts)} MoDE experts composed in {args.output}"
+              + (f"; eval {json.dumps(result.metrics, sort_keys=True)}" if result.metrics else ""))
+    return 0
+
+
+def _warn_missing_head(model, missing, path, consequence: str) -> None:
+    head_missing = [k for k in missing if not k.startswith(model.base_model_prefix + ".")]
+    if head_missing:
+        logging.warning("the checkpoint %s has no LM head weights (%s): the head is freshly initialised and frozen; "
+                        "%s", path, ", ".join(head_missing[:4]), consequence)
+
+
 def _stage1(args: argparse.Namespace) -> int:
     _setup(args)
+    _resolve_method_options(args)
+    if args.method == "mode":
+        return _mode_stage1(args)
     from .config import MixDAConfig
     from .training.data import load_knowledge, load_texts
     from .training.stage1 import default_layers, load_lm, run_stage1
@@ -120,11 +248,22 @@ def _stage1(args: argparse.Namespace) -> int:
 
 def _stage2(args: argparse.Namespace) -> int:
     _setup(args)
+    _resolve_method_options(args)
+    if args.method == "mode":
+        return _mode_stage2(args)
     import transformers as tf
 
     from .training.data import load_task
-    from .training.stage2 import build_stage2_model, run_stage2
+    from .training.stage2 import build_stage2_model, read_run, run_stage2
 
+    if len(args.train) != 1:
+        raise ValueError(f"--train takes one task file for MixDA stage 2; got {len(args.train)} "
+                         "(several text files are for --method mode)")
+    args.train = args.train[0]
+    for d in args.domains or ():
+        if read_run(d).get("method", "mixda") != "mixda":
+            raise ValueError(f"--domains {d!r} is a MoDE run (experts), not MixDA domain adapters; compose MoDE "
+                             "experts with `mixda-fast stage2 --method mode --experts ...`")
     train = load_task(args.train, args.task, args.labels)
     evals = load_task(args.eval, args.task, train[1]) if args.eval else None
     tokenizer = tf.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
@@ -152,7 +291,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .training.stage2 import load_run, read_run
 
     run = read_run(args.run)
-    if run["stage"] == 1:
+    if run.get("method", "mixda") == "mode":
+        from .training.data import load_knowledge
+        from .training.mode_stages import lm_metrics, load_mode_run
+
+        load_knowledge(args.data)                       # validate the data before loading the model
+        model, tokenizer, run = load_mode_run(args.run, args.model)
+        metrics = lm_metrics(model, tokenizer, args.data, batch_size=args.batch_size,
+                             max_length=run.get("max_length", 128))
+    elif run["stage"] == 1:
         from .training.data import load_knowledge
 
         data = load_knowledge(args.data)
@@ -176,12 +323,16 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
-def _add_train_options(p: argparse.ArgumentParser, lr: float, epochs: float) -> None:
+def _add_train_options(p: argparse.ArgumentParser, command: str) -> None:
     t = p.add_argument_group("training (HuggingFace Trainer; run under `accelerate launch` or `torchrun` "
                              "for several devices)")
-    t.add_argument("--epochs", type=_positive(float), default=epochs, help=f"epochs (default {epochs:g})")
+    (lr, epochs), (mode_lr, mode_epochs) = _TRAIN_DEFAULTS[(command, "mixda")], _TRAIN_DEFAULTS[(command, "mode")]
+    both = lambda a, b, f: f"{a:{f}}" if a == b else f"{a:{f}}; --method mode: {b:{f}}"  # noqa: E731
+    t.add_argument("--epochs", type=_positive(float), default=None,
+                   help=f"epochs (default {both(epochs, mode_epochs, 'g')})")
     t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    t.add_argument("--lr", type=_positive(float), default=lr, help=f"peak learning rate (default {lr:g})")
+    t.add_argument("--lr", type=_positive(float), default=None,
+                   help=f"peak learning rate (default {both(lr, mode_lr, 'g')})")
     t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05, the paper's)")
     t.add_argument("--batch-size", type=_positive(int), default=16, help="examples per device per step (default 16)")
     t.add_argument("--grad-accum", type=_positive(int), default=1, help="gradient accumulation steps")
@@ -195,71 +346,132 @@ def _add_train_options(p: argparse.ArgumentParser, lr: float, epochs: float) -> 
                    help="resume from CHECKPOINT, or from the newest checkpoint-* in --output when no value is given")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    t.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None, help="MixDA op backend")
+    t.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None, help="mixda_fast op backend")
+
+
+def _add_mode_stage1_options(p: argparse.ArgumentParser) -> None:
+    D = lambda dest: _only_default("stage1", "mode", dest)  # noqa: E731
+    g = p.add_argument_group("MoDE options (--method mode)")
+    g.add_argument("--num-blocks", type=_positive(int),
+                   help=f"B: the layers are cut into B equal blocks (default {D('num_blocks')}, the paper's)")
+    g.add_argument("--expert-layers", type=_positive(int),
+                   help=f"L_e: layers per expert (default {D('expert_layers')}, the paper's)")
+    g.add_argument("--expert-init", choices=["copy", "random"],
+                   help=f"copy: expert layers start as copies of the block's layers; random: fresh layers "
+                        f"(default {D('expert_init')})")
+    g.add_argument("--execution", choices=["auto", "batched", "loop"],
+                   help="how the experts run (same math; default auto)")
+    g.add_argument("--eval", help="held-out text: LM loss, perplexity and token accuracy after training")
+
+
+def _add_mode_stage2_options(p: argparse.ArgumentParser) -> None:
+    D = lambda dest: _only_default("stage2", "mode", dest)  # noqa: E731
+    g = p.add_argument_group("MoDE options (--method mode)")
+    g.add_argument("--experts", nargs="+", metavar="DIR",
+                   help="output folders of `mixda-fast stage1 --method mode` (or their mode_expert_*.safetensors "
+                        "files), one per domain")
+    g.add_argument("--expert-names", type=lambda s: s.split(","), default=None,
+                   help="comma-separated names for the experts (default: their stage-1 domains, which must differ)")
+    g.add_argument("--freeze-experts", action="store_true", default=None,
+                   help="train the gates only (default: gates and experts)")
+    g.add_argument("--gate-init", choices=["saved", "uniform"],
+                   help="saved: each expert's row from its stage-1 gate, the backbone row their mean; uniform: "
+                        f"equal weights (default {D('gate_init')})")
+    g.add_argument("--execution", choices=["auto", "batched", "loop"],
+                   help="how the experts run (same math; default: as in stage 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixda-fast", description="Mixture-of-Domain-Adapters, fast.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s1 = sub.add_parser("stage1", help="train a domain adapter on domain knowledge (MixDA stage 1)",
-                        description="MixDA stage 1: the base model is frozen; one domain adapter and the gate "
-                                    "train with loss = lambda * L_knowledge + L_old (DESIGN.md section 2).")
+    D1, D2 = (lambda dest: _only_default("stage1", "mixda", dest)), (lambda dest: _only_default("stage2", "mixda", dest))
+    s1 = sub.add_parser("stage1", help="train a domain adapter on domain knowledge (MixDA stage 1), or one MoDE "
+                                       "expert on a domain corpus (--method mode)",
+                        description="MixDA stage 1 (default): the base model is frozen; one domain adapter and the "
+                                    "gate train with loss = lambda * L_knowledge + L_old (DESIGN.md section 2). "
+                                    "MoDE stage 1 (--method mode): one expert (stacks of the model's own layers "
+                                    "beside each block) and the gates train on the LM loss of the domain corpus: "
+                                    "causal LM for decoders, 15% masked LM for encoders (DESIGN.md section 3).")
+    s1.add_argument("--method", choices=METHODS, default="mixda",
+                    help="mixda: domain adapters (default); mode: modular domain experts")
     s1.add_argument("--model", required=True, help="local checkpoint folder (masked LM or causal LM family)")
     s1.add_argument("--knowledge", required=True,
                     help='knowledge file: .json/.jsonl records {"prompt": "... {} ...", "targets": [...]} '
-                         '(target spans masked whole) or {"text": ...}, or .txt lines (15%% random masking)')
-    s1.add_argument("--general", help="general-domain text (.txt lines or {\"text\"} records) for the "
-                                      "old-knowledge loss L_old; without it L_old is off")
-    s1.add_argument("--output", required=True, help="output folder (adapter files, mixda_run.json, checkpoints)")
-    s1.add_argument("--domain", default="domain_0", help="name of the domain (keys the adapter file)")
-    s1.add_argument("--layers", type=int, nargs="+", help="layers to patch (default: the paper's 7 and 11 of 24, "
-                                                          "scaled to the model's depth)")
-    s1.add_argument("--reduction-factor", type=_positive(int), default=16, help="adapter bottleneck = FFN width // this")
-    s1.add_argument("--adapter-input", choices=["intermediate", "hidden"], default="intermediate")
-    s1.add_argument("--gate", choices=["sequence", "token"], default="sequence",
-                    help="one gate softmax per sequence (last real token) or per token")
-    s1.add_argument("--mixing", choices=["paper", "residual"], default="paper",
-                    help="paper: y = g_{K+1} f + sum g_k a_k; residual: y = f + sum g_k a_k")
-    s1.add_argument("--gate-hidden", type=_positive(int), default=768)
-    s1.add_argument("--gate-layers", type=_positive(int), default=4)
-    s1.add_argument("--gate-dropout", type=float, default=0.2)
-    s1.add_argument("--freeze-gate", action="store_true", help="train the adapter only, not the gate")
-    s1.add_argument("--train-lm-head", action="store_true",
-                    help="train the LM head too (for checkpoints without one, e.g. sentence-embedding models)")
-    s1.add_argument("--lambda", dest="knowledge_weight", type=float, default=0.5,
-                    help="weight of L_knowledge (default 0.5, the paper's)")
-    s1.add_argument("--old-weight", type=float, default=1.0, help="weight of L_old (default 1)")
-    s1.add_argument("--general-batch-size", type=int, default=None,
-                    help="general-text sequences per step (default: the batch size)")
-    _add_train_options(s1, lr=1e-4, epochs=10)
+                         '(target spans masked whole) or {"text": ...}, or .txt lines (15%% random masking); '
+                         "with --method mode: the domain corpus (the same formats; usually plain text)")
+    s1.add_argument("--output", required=True, help="output folder (adapter or expert files, mixda_run.json, "
+                                                    "checkpoints)")
+    s1.add_argument("--domain", default="domain_0", help="name of the domain (keys the adapter or expert file)")
+    m = s1.add_argument_group("MixDA options (the default method)")
+    m.add_argument("--general", help="general-domain text (.txt lines or {\"text\"} records) for the "
+                                     "old-knowledge loss L_old; without it L_old is off")
+    m.add_argument("--layers", type=int, nargs="+", help="layers to patch (default: the paper's 7 and 11 of 24, "
+                                                         "scaled to the model's depth)")
+    m.add_argument("--reduction-factor", type=_positive(int),
+                   help=f"adapter bottleneck = FFN width // this (default {D1('reduction_factor')})")
+    m.add_argument("--adapter-input", choices=["intermediate", "hidden"],
+                   help=f"what the adapters read (default {D1('adapter_input')})")
+    m.add_argument("--gate", choices=["sequence", "token"],
+                   help=f"one gate softmax per sequence (last real token) or per token (default {D1('gate')})")
+    m.add_argument("--mixing", choices=["paper", "residual"],
+                   help="paper: y = g_{K+1} f + sum g_k a_k; residual: y = f + sum g_k a_k "
+                        f"(default {D1('mixing')})")
+    m.add_argument("--gate-hidden", type=_positive(int), help=f"(default {D1('gate_hidden')})")
+    m.add_argument("--gate-layers", type=_positive(int), help=f"(default {D1('gate_layers')})")
+    m.add_argument("--gate-dropout", type=float, help=f"(default {D1('gate_dropout')})")
+    m.add_argument("--freeze-gate", action="store_true", default=None, help="train the adapter only, not the gate")
+    m.add_argument("--train-lm-head", action="store_true", default=None,
+                   help="train the LM head too (for checkpoints without one, e.g. sentence-embedding models)")
+    m.add_argument("--lambda", dest="knowledge_weight", type=float,
+                   help=f"weight of L_knowledge (default {D1('knowledge_weight')}, the paper's)")
+    m.add_argument("--old-weight", type=float, help=f"weight of L_old (default {D1('old_weight'):g})")
+    m.add_argument("--general-batch-size", type=int, default=None,
+                   help="general-text sequences per step (default: the batch size)")
+    _add_mode_stage1_options(s1)
+    _add_train_options(s1, "stage1")
     s1.set_defaults(func=_stage1)
 
-    s2 = sub.add_parser("stage2", help="train a task adapter + gate + head on K domain adapters (MixDA stage 2)",
-                        description="MixDA stage 2: the stage-1 domain adapters are loaded and frozen; a task "
-                                    "adapter, the gate and the task head train.")
+    s2 = sub.add_parser("stage2", help="train a task adapter + gate + head on K domain adapters (MixDA stage 2), or "
+                                       "compose N MoDE experts (--method mode)",
+                        description="MixDA stage 2 (default): the stage-1 domain adapters are loaded and frozen; a "
+                                    "task adapter, the gate and the task head train. MoDE stage 2 (--method mode): "
+                                    "the N stage-1 experts are composed behind fresh (N+1)-way gates per block; the "
+                                    "gates, and the experts unless --freeze-experts, train on the LM loss of "
+                                    "mixed-domain text.")
+    s2.add_argument("--method", choices=METHODS, default="mixda",
+                    help="mixda: domain adapters (default); mode: modular domain experts")
     s2.add_argument("--model", required=True, help="local checkpoint folder (the base model of stage 1)")
-    s2.add_argument("--domains", nargs="+", help="stage-1 output folders (K of them); none = task adapter only")
-    s2.add_argument("--train", required=True, help='task file: .jsonl {"text", "label"} (classification) or '
-                                                   '{"text", "choices", "label"} (multiple choice)')
-    s2.add_argument("--eval", help="evaluation file of the same format (accuracy, macro-F1 after every epoch)")
-    s2.add_argument("--task", choices=["classification", "multiple_choice"], default="classification")
-    s2.add_argument("--labels", type=lambda s: s.split(","), default=None,
-                    help="comma-separated label names in id order (default: sorted labels of --train)")
+    s2.add_argument("--train", required=True, nargs="+",
+                    help='task file: .jsonl {"text", "label"} (classification) or {"text", "choices", "label"} '
+                         "(multiple choice); with --method mode: one or more text files (.txt lines or "
+                         '{"text"} records), mixed-domain, read together')
+    s2.add_argument("--eval", help="evaluation file of the same format (MixDA: accuracy, macro-F1 after every epoch; "
+                                   "MoDE: LM loss, perplexity, token accuracy after training)")
     s2.add_argument("--output", required=True)
-    s2.add_argument("--task-adapter", choices=["pfeiffer", "houlsby", "none"], default="pfeiffer")
-    s2.add_argument("--task-reduction-factor", type=_positive(int), default=16,
-                    help="task adapter bottleneck = hidden size // this (default 16)")
-    s2.add_argument("--k-shot", type=_positive(int), default=None, help="keep K training examples per class (seeded)")
-    s2.add_argument("--warmup-epochs", type=float, default=2.0)
-    _add_train_options(s2, lr=5e-4, epochs=20)
+    m = s2.add_argument_group("MixDA options (the default method)")
+    m.add_argument("--domains", nargs="+", help="stage-1 output folders (K of them); none = task adapter only")
+    m.add_argument("--task", choices=["classification", "multiple_choice"], help=f"(default {D2('task')})")
+    m.add_argument("--labels", type=lambda s: s.split(","), default=None,
+                   help="comma-separated label names in id order (default: sorted labels of --train)")
+    m.add_argument("--task-adapter", choices=["pfeiffer", "houlsby", "none"], help=f"(default {D2('task_adapter')})")
+    m.add_argument("--task-reduction-factor", type=_positive(int),
+                   help=f"task adapter bottleneck = hidden size // this (default {D2('task_reduction_factor')})")
+    m.add_argument("--k-shot", type=_positive(int), default=None, help="keep K training examples per class (seeded)")
+    m.add_argument("--warmup-epochs", type=float, help=f"(default {D2('warmup_epochs'):g})")
+    _add_mode_stage2_options(s2)
+    _add_train_options(s2, "stage2")
     s2.set_defaults(func=_stage2)
 
-    ev = sub.add_parser("evaluate", help="fact exact-match (stage-1 folder) or accuracy/macro-F1 (stage-2 folder)",
+    ev = sub.add_parser("evaluate", help="fact exact-match (stage-1 folder) or accuracy/macro-F1 (stage-2 folder); "
+                                         "LM metrics of a MoDE folder",
                         description="Evaluate a stage-1 folder on a knowledge file (fact exact-match) or a stage-2 "
-                                    "folder on a task file (accuracy, macro-F1). Prints one JSON line.")
+                                    "folder on a task file (accuracy, macro-F1); a MoDE folder (either stage) on "
+                                    "text (LM loss, perplexity, next- or masked-token accuracy). Prints one JSON "
+                                    "line.")
     ev.add_argument("--run", required=True, help="output folder of `mixda-fast stage1` or `stage2`")
-    ev.add_argument("--data", required=True, help="knowledge file (stage 1) or task file (stage 2)")
+    ev.add_argument("--data", required=True, help="knowledge file (stage 1) or task file (stage 2); text "
+                                                  "(MoDE folders: LM loss, perplexity, token accuracy)")
     ev.add_argument("--model", help="base checkpoint folder (default: the one the run recorded)")
     ev.add_argument("--batch-size", type=_positive(int), default=64)
     ev.add_argument("--threads", type=int, default=0)

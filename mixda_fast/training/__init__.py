@@ -1,4 +1,4 @@
-"""MixDA two-stage training (DESIGN.md section 2) on HuggingFace ``Trainer``.
+"""MixDA two-stage training (DESIGN.md section 2), and MoDE's, on HuggingFace ``Trainer``.
 
 - :mod:`.data`: knowledge / general-text / task files via ``datasets``, whole-span masking,
   the k-shot sampler, collators;
@@ -6,6 +6,7 @@
 - :mod:`.task_adapters`: Pfeiffer / Houlsby task adapters;
 - :mod:`.trainer`: ``MixDATrainer`` (custom ``compute_loss``, trainable-only checkpoints);
 - :mod:`.stage1`, :mod:`.stage2`, :mod:`.evaluate`: the stages and their metrics;
+- :mod:`.mode_stages`: MoDE's two stages (DESIGN.md section 3) on the same Trainer and data;
 - :mod:`.model_bench`: model-level speed against LoRA and full fine-tuning.
 
 The task-adapter functions are imported eagerly (torch only); the rest loads transformers and
@@ -23,6 +24,8 @@ _LAZY = {
     "fact_exact_match": "evaluate", "evaluate_task": "evaluate", "general_drift": "evaluate",
     "DataFileError": "data", "load_knowledge": "data", "load_texts": "data", "load_task": "data",
     "kshot_sample": "data",
+    "run_mode_stage1": "mode_stages", "run_mode_stage2": "mode_stages", "lm_metrics": "mode_stages",
+    "load_mode_run": "mode_stages",
 }
 
 __all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_adapter_modules",
