@@ -2,17 +2,32 @@
 trainable parameters and full fine-tuning, on the same model and batch; peak memory; inference
 latency. DESIGN.md section 5: contenders timed round-robin in one process, medians after warm-up.
 
-A training step is forward + backward + AdamW step + zero_grad, for every contender:
+A training step is forward + backward + AdamW step + zero_grad, for every contender; AdamW is
+torch's fused implementation where this torch has it (what HuggingFace ``Trainer`` uses by
+default, ``optim="adamw_torch_fused"``), the same for every contender:
 
 - stage 1 group (masked LM on a batch with 15% of the tokens labelled; the LM head runs on the
   labelled positions only, for every contender alike): ``MixDA stage 1`` (domain adapter + gate,
   knowledge loss), ``MixDA stage 1 + L_old`` (the real stage-1 step: also the general-text pass
   for the old-knowledge loss, on a second batch of the same size), ``LoRA (equal params)``
   (rank chosen so LoRA trains as many parameters as MixDA stage 1, on every attention and FFN
-  projection), ``full fine-tuning``;
+  projection), ``full fine-tuning``, ``frozen backbone (floor)`` (everything frozen except the
+  FFN-output biases of the layers MixDA patches: the forward plus the input-gradient backward
+  from the loss down to the lowest patched layer, which any method that trains something there
+  needs; it is the physical floor of a MixDA stage-1 step, measured in the same process);
 - stage 2 group (sequence classification): ``MixDA stage 2`` (task adapter + gate + head, the
   domain adapter frozen), ``task adapter only``, ``LoRA (equal params)`` (as many trainable
-  parameters as MixDA stage 2), ``full fine-tuning``.
+  parameters as MixDA stage 2), ``full fine-tuning``, ``frozen backbone (floor)`` (classifier
+  head and every layer's FFN-output bias, where the task adapters sit: forward plus the
+  input-gradient backward down to the first layer).
+
+``limits`` in the output: floor / full fine-tuning is the lowest MixDA / full fine-tuning ratio
+possible without changing the method (which layers carry adapters); MixDA / floor is MixDA's own
+overhead (adapters, gate, their optimizer state).
+
+Time: the median wall time of a step, and the median CPU time of the process over that step (all
+threads): on a machine shared with other jobs, wall time grows whenever they take a core, CPU
+time much less, so the ``cpu`` ratios are the steadier ones there.
 
 Peak memory: each contender runs in a fresh process; the peak resident set size over three
 training steps (VmHWM, reset after the model is built through /proc/self/clear_refs) minus the
@@ -40,8 +55,9 @@ __all__ = ["MODELS", "build_model", "stage1_contenders", "stage2_contenders", "i
            "lora_rank_for", "run"]
 
 MODELS = ("minilm", "bert-base")
-STAGE1 = ("MixDA stage 1", "MixDA stage 1 + L_old", "LoRA (equal params)", "full fine-tuning")
-STAGE2 = ("MixDA stage 2", "task adapter only", "LoRA (equal params)", "full fine-tuning")
+FLOOR = "frozen backbone (floor)"
+STAGE1 = ("MixDA stage 1", "MixDA stage 1 + L_old", "LoRA (equal params)", "full fine-tuning", FLOOR)
+STAGE2 = ("MixDA stage 2", "task adapter only", "LoRA (equal params)", "full fine-tuning", FLOOR)
 _LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
 
@@ -106,6 +122,15 @@ def _mlm_batch(vocab: int, batch: int, seq: int, seed: int = 0):
     return ids, mask, labels
 
 
+def adamw(params: list, lr: float = 1e-5, weight_decay: float = 0.05) -> torch.optim.Optimizer:
+    """AdamW as HuggingFace ``Trainer`` builds it by default (``adamw_torch_fused``): torch's
+    fused kernel where this torch and device have one, else the default implementation."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class Step:
     """One training step of ``forward_loss`` with AdamW over the trainable parameters."""
 
@@ -113,7 +138,7 @@ class Step:
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=0.05)
+        self.opt = adamw(self.params)
         self.forward_loss = forward_loss
         module.train()
 
@@ -127,6 +152,24 @@ class Step:
 
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _ffn_output_biases(model, layers) -> list:
+    """The FFN-output bias of each of ``layers`` of an unpatched model (BERT: ``output.dense``)."""
+    from ..families import family_of
+    from ..patching import base_model_of
+
+    _, spec = family_of(model)
+    blocks = base_model_of(model).get_submodule(spec.layers)
+    return [blocks[i].get_submodule(spec.down).bias for i in layers]
+
+
+def _floor(model, layers, extra=()) -> None:
+    """Freeze everything except the FFN-output biases of ``layers`` (and ``extra`` parameters)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in list(_ffn_output_biases(model, layers)) + list(extra):
+        p.requires_grad_(True)
 
 
 def stage1_contenders(name: str, batch: int, seq: int, only: Optional[str] = None) -> dict[str, Step]:
@@ -166,6 +209,11 @@ def stage1_contenders(name: str, batch: int, seq: int, only: Optional[str] = Non
             w = Stage1Model(pm.base_model.model, causal=False)
             step = Step(pm, lambda w=w: w(ids, mask, labels)["loss_knowledge"])
             step.rank = rank
+        elif c == FLOOR:
+            model = build_model(name, "mlm")
+            _floor(model, _mixda_config(model).layers)
+            w = Stage1Model(model, causal=False)
+            step = Step(model, lambda w=w: w(ids, mask, labels)["loss_knowledge"])
         else:
             model = build_model(name, "mlm")
             for p in model.parameters():
@@ -214,6 +262,9 @@ def stage2_contenders(name: str, batch: int, seq: int, only: Optional[str] = Non
             head = sum(p.numel() for p in model.classifier.parameters())
             rank = lora_rank_for(model, _count(mixda()), extra=head)
             model = _lora(model, rank, "SEQ_CLS", ["classifier"])
+        elif c == FLOOR:
+            model = build_model(name, "cls")
+            _floor(model, range(_n_layers(model)), model.classifier.parameters())
         else:
             model = build_model(name, "cls")
             for p in model.parameters():
@@ -285,6 +336,26 @@ def measure_memory(group: str, contender: str, model: str, batch: int, seq: int)
 
 # -- the interleaved run --------------------------------------------------------------------
 
+def interleaved_wall_cpu(fns: dict[str, Callable[[], object]], reps: int = 10,
+                         warmup: int = 2) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, median process CPU seconds) per call of each fn, timed round-robin
+    (``benchmark.interleaved_medians`` plus the CPU time of every thread of this process)."""
+    import statistics
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
 def _table(rows: list[list], head: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -299,10 +370,11 @@ def run(model: str = "minilm", batch: int = 16, seq: int = 64, reps: int = 10, m
                      "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "groups": {}}
     for gname, build in (("stage1", stage1_contenders), ("stage2", stage2_contenders)):
         steps = build(model, batch, seq)
-        t = interleaved_medians(steps, reps=reps, warmup=2)
+        t = interleaved_wall_cpu(steps, reps=reps, warmup=2)
         rows = {}
         for c, step in steps.items():
-            rows[c] = {"ms": 1000 * t[c], "trainable": step.trainable, "rank": getattr(step, "rank", None)}
+            rows[c] = {"ms": 1000 * t[c][0], "cpu_ms": 1000 * t[c][1], "trainable": step.trainable,
+                       "rank": getattr(step, "rank", None)}
         del steps
         if memory:
             for c in rows:
@@ -314,14 +386,24 @@ def run(model: str = "minilm", batch: int = 16, seq: int = 64, reps: int = 10, m
     t1 = interleaved_medians(inf1, reps=reps, warmup=2)
     results["inference"] = {c: {"ms_batch": 1000 * t[c], "ms_1": 1000 * t1[c]} for c in inf}
     s1, s2 = results["groups"]["stage1"], results["groups"]["stage2"]
-    results["targets"] = {
-        "stage1 MixDA / LoRA (equal params) <= 1.0": s1["MixDA stage 1"]["ms"] / s1["LoRA (equal params)"]["ms"],
-        "stage1 MixDA / full fine-tuning <= 0.5": s1["MixDA stage 1"]["ms"] / s1["full fine-tuning"]["ms"],
-        "stage1 MixDA + L_old / LoRA (equal params) <= 1.0": s1["MixDA stage 1 + L_old"]["ms"] / s1["LoRA (equal params)"]["ms"],
-        "stage1 MixDA + L_old / full fine-tuning <= 0.5": s1["MixDA stage 1 + L_old"]["ms"] / s1["full fine-tuning"]["ms"],
-        "stage2 MixDA / LoRA (equal params) <= 1.0": s2["MixDA stage 2"]["ms"] / s2["LoRA (equal params)"]["ms"],
-        "stage2 MixDA / full fine-tuning <= 0.5": s2["MixDA stage 2"]["ms"] / s2["full fine-tuning"]["ms"],
+    pairs = {
+        "stage1 MixDA / LoRA (equal params) <= 1.0": (s1, "MixDA stage 1", "LoRA (equal params)"),
+        "stage1 MixDA / full fine-tuning <= 0.5": (s1, "MixDA stage 1", "full fine-tuning"),
+        "stage1 MixDA + L_old / LoRA (equal params) <= 1.0": (s1, "MixDA stage 1 + L_old", "LoRA (equal params)"),
+        "stage1 MixDA + L_old / full fine-tuning <= 0.5": (s1, "MixDA stage 1 + L_old", "full fine-tuning"),
+        "stage2 MixDA / LoRA (equal params) <= 1.0": (s2, "MixDA stage 2", "LoRA (equal params)"),
+        "stage2 MixDA / full fine-tuning <= 0.5": (s2, "MixDA stage 2", "full fine-tuning"),
     }
+    limits = {}
+    for g, s, mixda in (("stage1", s1, "MixDA stage 1"), ("stage2", s2, "MixDA stage 2")):
+        if FLOOR in s:
+            limits[f"{g} floor / full fine-tuning (lowest MixDA / full possible)"] = (s, FLOOR, "full fine-tuning")
+            limits[f"{g} MixDA / floor (MixDA's own overhead)"] = (s, mixda, FLOOR)
+    ratio = lambda s, a, b, k: s[a][k] / s[b][k]  # noqa: E731
+    results["targets"] = {k: ratio(*v, "ms") for k, v in pairs.items()}
+    results["targets_cpu"] = {k: ratio(*v, "cpu_ms") for k, v in pairs.items() if "cpu_ms" in v[0][v[1]]}
+    results["limits"] = {k: ratio(*v, "ms") for k, v in limits.items()}
+    results["limits_cpu"] = {k: ratio(*v, "cpu_ms") for k, v in limits.items()}
     return results
 
 
@@ -332,16 +414,22 @@ def format_results(r: dict) -> str:
         body = []
         for c, v in rows.items():
             name = c + (f" r={v['rank']}" if v.get("rank") else "")
-            pk = v.get("peak_mb")
-            body.append([name, f"{v['ms']:.1f}", f"{v['trainable'] / 1e6:.2f}M",
-                         "-" if pk is None else f"{pk:.0f}"])
-        out.append(_table(body, ["contender", "ms/step", "trainable", "peak MB"]))
+            pk, cpu = v.get("peak_mb"), v.get("cpu_ms")
+            body.append([name, f"{v['ms']:.1f}", "-" if cpu is None else f"{cpu:.1f}",
+                         f"{v['trainable'] / 1e6:.4g}M", "-" if pk is None else f"{pk:.0f}"])
+        out.append(_table(body, ["contender", "ms/step", "cpu ms/step", "trainable", "peak MB"]))
     out.append("\ninference (forward, classifier)")
     out.append(_table([[c, f"{v['ms_1']:.1f}", f"{v['ms_batch']:.1f}"] for c, v in r["inference"].items()],
                       ["contender", f"ms 1x{r['tokens'].split('x')[1]}", f"ms {r['tokens']}"]))
-    out.append("\ntargets")
-    out.append(_table([[k, f"{v:.2f}", "met" if v <= float(k.rsplit('<=', 1)[1]) else "NOT met"]
-                       for k, v in r["targets"].items()], ["ratio", "value", ""]))
+    cpu = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+    if r.get("limits"):
+        out.append("\nlimits (frozen backbone = forward + input-gradient backward, nothing MixDA adds)")
+        lc = r.get("limits_cpu", {})
+        out.append(_table([[k, f"{v:.2f}", cpu(lc, k)] for k, v in r["limits"].items()], ["ratio", "wall", "cpu"]))
+    out.append("\ntargets (met / NOT met by the wall-time ratio)")
+    tc = r.get("targets_cpu", {})
+    out.append(_table([[k, f"{v:.2f}", cpu(tc, k), "met" if v <= float(k.rsplit('<=', 1)[1]) else "NOT met"]
+                       for k, v in r["targets"].items()], ["ratio", "wall", "cpu", ""]))
     return "\n".join(out)
 
 
