@@ -233,9 +233,12 @@ if _ext.EXT_AVAILABLE:
         ctx.act = act
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b3 is None else b3.dtype)
         ctx.save_for_backward(x, w1, w3, output[1])
+        ctx.set_materialize_grads(False)    # pre is for the backward: no zero (N, F) gradient for it
 
-    def _ffn_in_backward(ctx, grad_h: Tensor, grad_pre: Optional[Tensor]):
+    def _ffn_in_backward(ctx, grad_h: Optional[Tensor], grad_pre: Optional[Tensor]):
         x, w1, w3, pre = ctx.saved_tensors
+        if grad_h is None:
+            grad_h = pre.new_zeros((pre.shape[0], w1.shape[0]))
         gp = torch.ops.mixda_fast.ffn_in_backward.default(grad_h.contiguous(), pre, ctx.act)
         if grad_pre is not None:
             gp = gp + grad_pre
@@ -282,12 +285,13 @@ if _ext.EXT_AVAILABLE:
         ctx.bdown_dtype = bdown[0].dtype
         ctx.bup_dtype = bup[0].dtype
         ctx.save_for_backward(h, z, w2, logits, output[1], *wdown, *wup, *bup)
+        ctx.set_materialize_grads(False)    # p is mostly for the backward: no zero gradient for it
 
-    def _mixda_out_backward(ctx, grad_y: Tensor, grad_p_out: Optional[Tensor]):
+    def _mixda_out_backward(ctx, grad_y: Optional[Tensor], grad_p_out: Optional[Tensor]):
         K = ctx.K
         h, z, w2, logits, p, *rest = ctx.saved_tensors
         wdown, wup, bup = rest[:K], rest[K:2 * K], rest[2 * K:]
-        grad_y = grad_y.contiguous()
+        grad_y = p.new_zeros((p.shape[0], w2.shape[0])) if grad_y is None else grad_y.contiguous()
         grad_p, grad_logits, s, grad_bup = torch.ops.mixda_fast.mixda_out_backward.default(
             grad_y, p, logits, list(wup), list(bup))
         if grad_p_out is not None:
