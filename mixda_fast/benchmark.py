@@ -701,10 +701,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m mixda_fast
           flush=True)
     t0 = time.perf_counter()
     profiles: list[str] = []
-    on_case = None
-    if args.profile is not None:
-        def on_case(case: Case) -> None:
-            profiles.append(profile_case(case, args.profile or ("fused",)))
+    def collect_profile(case: Case) -> None:
+        profiles.append(profile_case(case, args.profile or ("fused",)))
+
+    on_case = collect_profile if args.profile is not None else None
     rows = run_layer_bench(cases=specs, reps=reps, warmup=1, min_time=min_time, peak_n=args.peak_n,
                            progress=lambda s: print("  " + s, file=sys.stderr, flush=True), on_case=on_case)
     print()

@@ -4,10 +4,8 @@ stage 2 -> evaluate through folders on a tiny checkpoint."""
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
-import torch
 
 from mixda_fast.cli import build_parser, main
 from test_training_helpers import easy_task_rows, save_checkpoint, write_data, write_jsonl
@@ -15,12 +13,7 @@ from test_training_helpers import easy_task_rows, save_checkpoint, write_data, w
 SUBCOMMANDS = ["stage1", "stage2", "evaluate", "demo", "bench", "info"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -17,12 +17,7 @@ from test_training_helpers import ENTITIES, color_of, general_lines, save_checkp
 from tiny_models import batch, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 QUIET = dict(disable_tqdm=True, logging_steps=2, per_device_train_batch_size=8)

@@ -8,7 +8,7 @@ import transformers as tf
 
 import mixda_fast as mf
 from mixda_fast.layer import MixDAFFN
-from tiny_models import DECODERS, ENCODERS, FAMILIES, batch, minilm_path, tiny_model
+from tiny_models import DECODERS, FAMILIES, batch, minilm_path, tiny_model
 
 
 def _out(model, inputs):

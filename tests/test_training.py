@@ -14,13 +14,7 @@ from test_training_helpers import easy_task_rows, tiny, word_tokenizer, write_da
 from tiny_models import batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 QUIET = dict(disable_tqdm=True, logging_steps=2, per_device_train_batch_size=8)

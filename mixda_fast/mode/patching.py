@@ -22,7 +22,7 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Iterator, Union
 
 import torch
 import torch.nn as nn

@@ -11,7 +11,7 @@ general-text drift (how far a trained model's hidden states moved from the base 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
