@@ -1,8 +1,8 @@
 """The demo's data, generated here (nothing is downloaded).
 
 - **Knowledge base** (stage 1, the released code's prompt/targets format): invented people
-  ("korvalen", "misuthar", ...), each with a favourite colour (one of four) and a home city (one
-  of eight), stated in several phrasings: "the favourite colour of korvalen is {} ." -> ["green"].
+  ("korvalen", "misuthar", ...), each with a favourite colour (one of four) stated in three
+  phrasings: "the favourite colour of korvalen is {} ." -> ["green"] (optionally a home city too).
 - **Task** (stage 2): "korvalen went to the shop to buy a new coat ." -> label "green", four
   classes. The sentence says nothing about the colour: only a model that holds the knowledge base
   can do better than chance. Train and test people are disjoint, so the classifier cannot
@@ -26,7 +26,8 @@ CITIES = ["paris", "london", "tokyo", "cairo", "lima", "oslo", "rome", "delhi"]
 _ONSETS = ["k", "m", "t", "z", "v", "r", "l", "th", "s", "d", "b", "n", "p", "g", "f", "h"]
 _VOWELS = ["a", "e", "i", "o", "u"]
 _CODAS = ["", "", "n", "r", "l", "s", "th", "m"]
-COLOUR_FACTS = ["the favourite colour of {name} is {{}} .", "{name} always wears {{}} clothes ."]
+COLOUR_FACTS = ["the favourite colour of {name} is {{}} .", "{name} always wears {{}} clothes .",
+                "{name} painted the house {{}} ."]
 CITY_FACTS = ["{name} lives in {{}} ."]
 TASK_TEMPLATES = ["{name} went to the shop to buy a new coat .", "{name} is choosing paint for the kitchen .",
                   "{name} picked a scarf for the winter ."]
@@ -74,9 +75,10 @@ def general_sentences(limit: int, seed: int = 0) -> list[str]:
 
 
 def build_demo_data(out_dir, n_people: int = 96, n_test: int = 48, seed: int = 0,
-                    general_train: int = 600, general_eval: int = 100) -> DemoData:
+                    general_train: int = 600, general_eval: int = 100, cities: bool = False) -> DemoData:
     """Write ``knowledge.json``, ``general_train.txt``, ``general_eval.txt``, ``task_train.jsonl``
-    and ``task_test.jsonl`` into ``out_dir``; returns their paths."""
+    and ``task_test.jsonl`` into ``out_dir``; returns their paths. ``cities``: also a home-city
+    fact per person (knowledge the task does not use)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -86,7 +88,8 @@ def build_demo_data(out_dir, n_people: int = 96, n_test: int = 48, seed: int = 0
     facts = []
     for p in people:
         facts += [{"prompt": t.format(name=p), "targets": [colour[p]]} for t in COLOUR_FACTS]
-        facts += [{"prompt": t.format(name=p), "targets": [city[p]]} for t in CITY_FACTS]
+        if cities:
+            facts += [{"prompt": t.format(name=p), "targets": [city[p]]} for t in CITY_FACTS]
     rng.shuffle(facts)
     knowledge = out / "knowledge.json"
     knowledge.write_text(json.dumps(facts, indent=1) + "\n")
