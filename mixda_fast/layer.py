@@ -142,10 +142,10 @@ def activation_code(act: nn.Module) -> Optional[int]:
 
 
 def _packable(params: list) -> bool:
-    """Plain Parameters (no tensor subclass, not meta) of one shape, dtype and device."""
+    """Plain Parameters (no tensor subclass, not meta) of one trailing shape, dtype and device."""
     p0 = params[0]
-    return all(type(p) is nn.Parameter and p.layout == torch.strided and not p.is_meta
-               and p.shape == p0.shape and p.dtype == p0.dtype and p.device == p0.device
+    return all(type(p) is nn.Parameter and p.layout == torch.strided and not p.is_meta and p.dim() == p0.dim()
+               and p.shape[1:] == p0.shape[1:] and p.dtype == p0.dtype and p.device == p0.device
                for p in params)
 
 
@@ -242,8 +242,8 @@ class MixDAFFN(nn.Module):
     def _fused_forward(self, x: torch.Tensor, host):
         """(y, f), both (B, T, D), through ops.ffn_in and ops.mixda_out."""
         w1, b1, w3, b3, code, w2, b2 = host
-        if not torch.compiler.is_compiling() and not self.adapters_packed():
-            self.pack_adapters()                                 # after a parameter was replaced
+        if not torch.compiler.is_compiling() and not self.adapters_packed(host=True):
+            self.pack_adapters(host=True)            # first fused forward, or a parameter was replaced
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)                                 # (N, d)
         h2, _ = ops.ffn_in(x2, w1, b1, w3, b3, code)             # (N, F)
@@ -258,40 +258,67 @@ class MixDAFFN(nn.Module):
         D = y2.shape[1]
         return y2.view(B, T, D), p[:, :D].view(B, T, D)
 
-    # -- packed adapter weights ---------------------------------------------------------------
-    def _down_params(self) -> tuple[list, list]:
+    # -- packed weights -------------------------------------------------------------------------
+    def _pack_members(self, host: bool) -> tuple[list, list]:
+        """The parameters packed together: the K down-projection weights and biases, preceded by
+        the host's W2 and b2 when ``host`` and the kernel can use them (adapters reading h, an
+        ``nn.Linear`` second projection with a bias)."""
         ads = list(self.adapters.values())
-        return [a.down.weight for a in ads], [a.down.bias for a in ads]
+        ws, bs = [a.down.weight for a in ads], [a.down.bias for a in ads]
+        down = self._down()
+        if (host and self.mixda_config.adapter_input == "intermediate" and type(down) is nn.Linear
+                and down.bias is not None):
+            return [down.weight] + ws, [down.bias] + bs
+        return ws, bs
 
-    def adapters_packed(self) -> bool:
-        """True when the K adapters' down-projection weights and biases each lie back to back in
-        one buffer (:meth:`pack_adapters`), the layout the fused kernel runs as a single GEMM."""
-        ws, bs = self._down_params()
+    def adapters_packed(self, host: bool = False) -> bool:
+        """True when the K adapters' down-projection weights and biases (with ``host``, preceded
+        by W2 and b2 where :meth:`pack_adapters` packs them) each lie back to back in one buffer:
+        the layout the fused kernel runs as a single GEMM."""
+        ws, bs = self._pack_members(host)
         return ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None
 
     @torch.no_grad()
-    def pack_adapters(self) -> bool:
+    def pack_adapters(self, host: bool = False) -> bool:
         """Lay the K adapters' down-projection weights (r, Din) and biases (r,) out back to back
         in one buffer each and make the parameters views of it, as ``nn.LSTM.flatten_parameters()``
-        does: ``h @ [Wdown_1 .. Wdown_K]^T`` is then one GEMM, with nothing copied per call.
+        does: ``h @ [Wdown_1 .. Wdown_K]^T`` is then one GEMM, with nothing copied per call. With
+        ``host`` (the fused forward asks for it), the host's W2 (D, F) and b2 go first, so that
+        ``h @ [W2 | Wdown_1 .. Wdown_K]^T`` is one GEMM: BERT-style hosts (an ``nn.Linear`` with a
+        bias) with the adapters reading h. Their values never change; :meth:`release_host_weights`
+        (``unpatch_model`` calls it) gives them storage of their own again.
 
         In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into the
         buffer, so it is never stale. A replaced parameter (a new Parameter or module, ``.to()``)
-        is no longer a view of it: the kernel then runs one GEMM per adapter, exactly as correct,
+        is no longer a view of it: the kernel then runs the unpacked GEMMs, exactly as correct,
         and the next forward packs again. Values, Parameter objects (so optimizer state),
-        ``requires_grad`` and flags are kept. Returns whether the adapters are packed."""
-        ws, bs = self._down_params()
+        ``requires_grad`` and flags are kept. Returns whether the parameters are packed."""
+        ws, bs = self._pack_members(host)
         if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
             return False
         if ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None:
             return True
         with torch.inference_mode(False):              # plain tensors, usable by autograd later
             for params in (ws, bs):
-                flat = torch.cat([p.detach() for p in params])             # (K r, Din) or (K r,)
-                r = params[0].shape[0]
-                for k, p in enumerate(params):
-                    p.data = flat[k * r:(k + 1) * r]
+                flat = torch.cat([p.detach() for p in params])      # (D + K r, F) / (K r, Din), or 1-d
+                start = 0
+                for p in params:
+                    p.data = flat[start:start + p.shape[0]]
+                    start += p.shape[0]
         return True
+
+    @torch.no_grad()
+    def release_host_weights(self) -> None:
+        """Give the host's W2 and b2 storage of their own again if :meth:`pack_adapters` packed
+        them with the adapters (same values, so the unpatched model owns nothing of ours)."""
+        down = self._down()
+        ws, bs = self._pack_members(host=False)
+        if type(down) is not nn.Linear or not ws:
+            return
+        for p, ours in ((down.weight, ws[0]), (down.bias, bs[0])):
+            if p is not None and p.untyped_storage().data_ptr() == ours.untyped_storage().data_ptr():
+                with torch.inference_mode(False):
+                    p.data = p.data.clone()
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         return self._sub(self._spec.post)(y) if self._spec.post else y

@@ -121,10 +121,11 @@ def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
 
 
 def packed_rows(ts) -> Optional[Tensor]:
-    """Mirror of csrc/packed_rows.h: if the tensors are contiguous, of one shape and dtype, and lie
-    back to back in one storage (``MixDAFFN.pack_adapters``), a (K * rows, ...) view over all of
-    them (``ts[0]`` for K = 1); else None. Always None while tracing (fake tensors have no storage
-    to compare), where the per-adapter path is exactly as correct."""
+    """Mirror of csrc/packed_rows.h: if the tensors are contiguous, of one dtype and trailing shape
+    (first sizes may differ), and lie back to back in one storage (``MixDAFFN.pack_adapters``), a
+    (sum of first sizes, ...) view over all of them (``ts[0]`` for one tensor); else None. Always
+    None while tracing (fake tensors have no storage to compare), where the unpacked path is
+    exactly as correct."""
     ts = list(ts)
     if not ts or torch.compiler.is_compiling():
         return None
@@ -133,14 +134,15 @@ def packed_rows(ts) -> Optional[Tensor]:
         return None
     if len(ts) == 1:
         return t0
-    base, n = t0.untyped_storage().data_ptr(), t0.numel()
-    for k, t in enumerate(ts[1:], 1):
-        if (type(t) not in (Tensor, torch.nn.Parameter) or not t.is_contiguous() or t.shape != t0.shape
-                or t.dtype != t0.dtype or t.device != t0.device
-                or t.untyped_storage().data_ptr() != base
-                or t.storage_offset() != t0.storage_offset() + k * n):
+    base, nxt, rows = t0.untyped_storage().data_ptr(), t0.storage_offset() + t0.numel(), t0.shape[0]
+    for t in ts[1:]:
+        if (type(t) not in (Tensor, torch.nn.Parameter) or not t.is_contiguous() or t.dim() != t0.dim()
+                or t.shape[1:] != t0.shape[1:] or t.dtype != t0.dtype or t.device != t0.device
+                or t.untyped_storage().data_ptr() != base or t.storage_offset() != nxt):
             return None
-    size = (len(ts) * t0.shape[0], *t0.shape[1:])
+        nxt += t.numel()
+        rows += t.shape[0]
+    size = (rows, *t0.shape[1:])
     stride = [1] * len(size)
     for d in range(len(size) - 2, -1, -1):
         stride[d] = stride[d + 1] * size[d + 1]
@@ -284,6 +286,7 @@ if _ext.EXT_AVAILABLE:
         ctx.b2_dtype = None if b2 is None else b2.dtype
         ctx.bdown_dtype = bdown[0].dtype
         ctx.bup_dtype = bup[0].dtype
+        ctx.z_is_h = z is h
         ctx.save_for_backward(h, z, w2, logits, output[1], *wdown, *wup, *bup)
         ctx.set_materialize_grads(False)    # p is mostly for the backward: no zero gradient for it
 
@@ -301,10 +304,13 @@ if _ext.EXT_AVAILABLE:
         ga = [grad_p[:, D + k * r:D + (k + 1) * r] for k in range(K)]
         need = ctx.needs_input_grad
         grads = [None] * 4 + [[None] * K for _ in range(4)] + [None]   # list inputs take lists
-        if need[0]:
-            grads[0] = _mm(gf, w2, h.dtype)
         wd_all = packed_rows(wdown)                      # packed adapters: one GEMM, not K
-        if need[1]:
+        w_all = packed_rows([w2, *wdown]) if ctx.z_is_h and need[0] and need[1] else None
+        if w_all is not None:                            # z is h, [w2 | wdown] packed: one GEMM for both
+            grads[0] = _mm(grad_p, w_all, h.dtype)
+        elif need[0]:
+            grads[0] = _mm(gf, w2, h.dtype)
+        if need[1] and w_all is None:
             if wd_all is not None:
                 grads[1] = _mm(grad_p[:, D:], wd_all, z.dtype)
             else:

@@ -112,8 +112,9 @@ def patch_model(model: nn.Module, config) -> nn.Module:
     """Add MixDA domain adapters and a gate to the FFNs that ``config.layers`` chooses, in place;
     with a :class:`~mixda_fast.MoDEConfig`, add MoDE expert blocks instead (mixda_fast.mode).
 
-    Returns ``model``. The base weights are untouched (freeze them with
-    :func:`mixda_fast.mark_trainable`). Raises TypeError/ValueError naming the argument on bad
+    Returns ``model``. The base weights keep their values (freeze them with
+    :func:`mixda_fast.mark_trainable`; the fused forward may pack W2 with the adapters,
+    ``MixDAFFN.pack_adapters``, until :func:`unpatch_model`). Raises TypeError/ValueError naming the argument on bad
     input, and then the model is exactly as it was.
     """
     if not isinstance(model, nn.Module):
@@ -190,6 +191,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if is_mode_patched(model):
         return unpatch_mode(model)
     state = _state(model, "unpatch_model")
+    for m in mixda_modules(model).values():
+        m.release_host_weights()            # W2 / b2 packed with the adapters get their own storage
     _undo(state)
     delattr(model, _STATE)
     return model

@@ -54,10 +54,11 @@ def _check(layer, x, mode, dtype):
 MODES = ["inference", "no_grad", "grad"]
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])    # bert: W2 and b2 packed with the adapters
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_in_place_changes_are_seen(mode, dtype):
-    model, layer = _layer(dtype=dtype)
+def test_in_place_changes_are_seen(mode, dtype, family):
+    model, layer = _layer(family=family, dtype=dtype)
     x = torch.randn(2, 5, layer.hidden_size, dtype=dtype)
     _check(layer, x, mode, dtype)
     first = _fused(layer, x, mode)
@@ -68,6 +69,7 @@ def test_in_place_changes_are_seen(mode, dtype):
         lambda: ad.up.bias.data.add_(1.0),
         lambda: ad.down.bias.data.add_(0.25),
         lambda: layer._down().weight.data.mul_(1.5),           # host W2
+        lambda: layer._down().bias.data.add_(0.5) if layer._down().bias is not None else None,
         lambda: layer._sub(layer._spec.up).weight.data.add_(0.1),   # host W_up
         lambda: layer.gate[-1].bias.data.add_(torch.arange(3.0, dtype=dtype)),
     ]
@@ -75,6 +77,7 @@ def test_in_place_changes_are_seen(mode, dtype):
         change()
         _check(layer, x, mode, dtype)
     assert not torch.equal(first, _fused(layer, x, mode))
+    assert layer.adapters_packed(host=True) and layer.adapters_packed()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -183,6 +186,14 @@ def test_op_takes_one_gemm_for_packed_and_k_for_separate_weights():
     y1, p1, packed = run(wd, bd)
     y2, p2, separate = run([w.clone() for w in wd], [b.clone() for b in bd])
     assert separate - packed == K - 1
+    # [w2 | wdown] in one buffer (the layer does this for BERT-style hosts): one GEMM for all of p
+    W, Bv = torch.cat([w2, flat_w]), torch.cat([b2, flat_b])
+    with torch.profiler.profile() as prof:
+        y3, p3 = torch.ops.mixda_fast.mixda_out.default(h, h, W[:D], Bv[:D], list(W[D:].split(r)),
+                                                        list(Bv[D:].split(r)), wu, bu, logits)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::addmm") == packed - 1 == 1
+    torch.testing.assert_close(y3, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p3, p2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
     want_y, want_p = ops.mixda_out_ref(h, h, w2, b2, wd, bd, wu, bu, logits)
@@ -210,6 +221,7 @@ def test_gradients_with_packed_adapters_match_the_paper_form(domain):
         layer.formulation = formulation
         x = torch.randn(2, 5, layer.hidden_size, requires_grad=True)
         layer(x).square().sum().backward()
+        assert layer.adapters_packed(host=True) == (formulation == "fused")   # grad h: one GEMM
         grads[formulation] = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
         grads[formulation]["x"] = x.grad
     assert grads["fused"].keys() == grads["paper"].keys()
@@ -230,3 +242,49 @@ def test_repacking_in_inference_mode_leaves_trainable_parameters():
     layer(x).square().sum().backward()                        # no inference tensors saved
     opt.step()
     _check(layer, x, "grad", torch.float32)
+
+
+def _storage_is_own(p) -> bool:
+    return p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+@pytest.mark.skipif(not ops.kernels_available(), reason="no compiled kernels")
+def test_host_w2_packed_on_first_forward_one_gemm_and_released_by_unpatch():
+    model = tiny_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mf.patch_model(model, mf.MixDAConfig(num_domains=2, adapter_init="normal", gate_dropout=0.0))
+    layer = mf.mixda_modules(model)[0]
+    down = layer._down()
+    w2, b2 = down.weight.detach().clone(), down.bias.detach().clone()
+    assert layer.adapters_packed() and not layer.adapters_packed(host=True)   # patching leaves the host alone
+    assert _storage_is_own(down.weight)
+    x = torch.randn(2, 5, layer.hidden_size)
+    want = _paper(layer, x)
+    torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
+    assert layer.adapters_packed(host=True)                                  # the fused forward packed W2
+    flat = ops.packed_rows(layer._pack_members(host=True)[0])
+    assert flat.shape == (layer.hidden_size + 2 * layer.bottleneck, layer.intermediate_size)
+    assert torch.equal(down.weight, w2) and torch.equal(down.bias, b2)       # values never change
+    layer.release_host_weights()                                             # what unpatch_model does
+    assert not layer.adapters_packed(host=True) and layer.adapters_packed() and _storage_is_own(down.weight)
+    torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
+    assert layer.adapters_packed(host=True)                                  # packed again
+    mf.unpatch_model(model)
+    assert _storage_is_own(down.weight) and _storage_is_own(down.bias)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in after.items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_packed_model_saves_with_save_pretrained(tmp_path):
+    model, layer = _layer(family="bert")
+    x = torch.randn(2, 5, layer.hidden_size)
+    _fused(layer, x, "no_grad")
+    assert layer.adapters_packed(host=True)
+    model.save_pretrained(tmp_path / "patched")                # shared, non-overlapping views save fine
+    mf.unpatch_model(model)
+    model.save_pretrained(tmp_path / "plain")
+    again = type(model).from_pretrained(tmp_path / "plain")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k

@@ -253,18 +253,21 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cpu(const at::Tensor& h, const at::
   const bool convert = ct != dt;
   const auto copt = h.options().dtype(ct);
 
-  const at::Tensor W2 = to_ct(w2, ct);
-  const std::optional<at::Tensor> B2 = to_ct(b2, ct);
-  // Packed down-projections (see packed_rows.h): one GEMM for all K adapters; else one each.
+  // Packed weights (see packed_rows.h): one GEMM for [W2 | Wdown_1..K] when the adapters read h
+  // and the layer packed W2 with them; else one GEMM for W2 and one for all K adapters; else one each.
+  const auto w2_pack = z_is_h ? packed_with_w2(w2, b2, wdown, bdown) : std::nullopt;
+  const at::Tensor W2 = w2_pack ? to_ct(w2_pack->first, ct) : to_ct(w2, ct);
+  const std::optional<at::Tensor> B2 =
+      w2_pack ? std::optional<at::Tensor>(to_ct(w2_pack->second, ct)) : to_ct(b2, ct);
   const std::optional<at::Tensor> wd_all = packed_rows(wdown), bd_all = packed_rows(bdown);
-  const bool packed = wd_all.has_value() && bd_all.has_value();
+  const bool packed = !w2_pack && wd_all.has_value() && bd_all.has_value();
   std::vector<at::Tensor> Wd, Bd, Wu;
   if (packed) {
     Wd.push_back(to_ct(*wd_all, ct));
     Bd.push_back(to_ct(*bd_all, ct));
   }
   for (int64_t k = 0; k < K; ++k) {
-    if (!packed) {
+    if (!packed && !w2_pack) {
       Wd.push_back(to_ct(wdown[k], ct));
       Bd.push_back(to_ct(bdown[k], ct));
     }
@@ -282,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cpu(const at::Tensor& h, const at::
     at::Tensor pb = convert ? at::empty({n, P}, copt) : p.narrow(0, r0, n);
     at::Tensor yb = convert ? at::empty({n, D}, copt) : y.narrow(0, r0, n);
     const at::Tensor f = pb.narrow(1, 0, D);
-    gemm_bias_out(f, hb, W2, B2);                                            // f = h w2^T + b2
+    gemm_bias_out(w2_pack ? pb : f, hb, W2, B2);    // f = h w2^T + b2 (and, packed, the adapters)
     const int64_t rw = packed ? K * r : r;                                  // rows per down GEMM
     for (size_t k = 0; k < Wd.size(); ++k) {
       gemm_bias_out(pb.narrow(1, D + k * rw, rw), zb, Wd[k], Bd[k]);        // adapter pre-activations

@@ -221,12 +221,17 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cuda_launch(
   at::Tensor p = at::empty({N, P}, h.options());
   at::Tensor y = at::empty({N, D}, h.options());
   if (N == 0) return {y, p};
-  gemm_bias_out(p.narrow(1, 0, D), h, as(w2, dt),
-                b2.has_value() ? std::optional<at::Tensor>(as(*b2, dt)) : std::nullopt);
+  const auto w2_pack = z.is_same(h) ? packed_with_w2(w2, b2, wdown, bdown) : std::nullopt;
   const std::optional<at::Tensor> wd_all = packed_rows(wdown), bd_all = packed_rows(bdown);
-  if (wd_all.has_value() && bd_all.has_value()) {  // packed adapters: one GEMM (packed_rows.h)
-    gemm_bias_out(p.narrow(1, D, K * r), z, as(*wd_all, dt), as(*bd_all, dt));
+  if (w2_pack) {  // [W2 | Wdown_1..K] packed by the layer: one GEMM (packed_rows.h)
+    gemm_bias_out(p, h, as(w2_pack->first, dt), as(w2_pack->second, dt));
   } else {
+    gemm_bias_out(p.narrow(1, 0, D), h, as(w2, dt),
+                  b2.has_value() ? std::optional<at::Tensor>(as(*b2, dt)) : std::nullopt);
+  }
+  if (!w2_pack && wd_all.has_value() && bd_all.has_value()) {  // packed adapters: one GEMM
+    gemm_bias_out(p.narrow(1, D, K * r), z, as(*wd_all, dt), as(*bd_all, dt));
+  } else if (!w2_pack) {
     for (int64_t k = 0; k < K; ++k) {
       gemm_bias_out(p.narrow(1, D + k * r, r), z, as(wdown[k], dt), as(bdown[k], dt));
     }
