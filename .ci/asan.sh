@@ -16,8 +16,8 @@ git clone -q "$SRC" "$WORK"
 cd "$WORK"
 CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g" LDFLAGS="-fsanitize=address" MAX_JOBS=2 \
   python setup.py -q build_ext --inplace
-PYTHONPATH="$WORK" python -c 'import mixda_fast._C as c; print("ASan build:", c.__file__)'
-LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
-ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 PYTHONPATH="$WORK" OMP_NUM_THREADS=1 \
-  python -m pytest -q -p no:cacheprovider tests/test_ops_combine.py tests/test_fused_ffn.py \
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+export ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 PYTHONPATH="$WORK" OMP_NUM_THREADS=1
+python -c 'import mixda_fast._C as c; print("ASan build:", c.__file__)'
+python -m pytest -q -p no:cacheprovider tests/test_ops_combine.py tests/test_fused_ffn.py \
   tests/test_gate_mlp.py tests/test_packing.py tests/test_bad_input.py "$@"
