@@ -267,7 +267,7 @@ class MixDAFFN(nn.Module):
         ws, bs = [a.down.weight for a in ads], [a.down.bias for a in ads]
         down = self._down()
         if (host and self.mixda_config.adapter_input == "intermediate" and type(down) is nn.Linear
-                and down.bias is not None):
+                and down.bias is not None and _packable([down.weight] + ws) and _packable([down.bias] + bs)):
             return [down.weight] + ws, [down.bias] + bs
         return ws, bs
 
