@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
 #ifdef TORCH_EXTENSION_NAME
 extern "C" {
@@ -291,8 +292,9 @@ void check_gate_mlp_args(const char* op, const at::Tensor& z, at::TensorList wei
     TORCH_CHECK(w.dim() == 2 && w.size(1) == width, op, ": weights[", i, "] must have shape (out, ", width,
                 ") (its input width: ", i == 0 ? "z.size(1)" : "the previous layer's out", "), got ",
                 w.sizes());
-    check_weight_dtype(op, "weights[i]", w, z, "z");
-    check_vector(op, "biases[i]", biases[i], w.size(0), "(out,) with out = weights[i].size(0)");
+    const std::string wname = "weights[" + std::to_string(i) + "]", bname = "biases[" + std::to_string(i) + "]";
+    check_weight_dtype(op, wname.c_str(), w, z, "z");
+    check_vector(op, bname.c_str(), biases[i], w.size(0), "(out,) with out = weights[i].size(0)");
     TORCH_CHECK(biases[i].scalar_type() == w.scalar_type() && biases[i].device() == w.device(), op,
                 ": biases[", i, "] must have the dtype and device of weights[", i, "] (", w.scalar_type(),
                 ", ", w.device(), "), got ", biases[i].scalar_type(), ", ", biases[i].device());
@@ -311,7 +313,7 @@ void check_gate_mlp_backward_args(const at::Tensor& grad_logits, const at::Tenso
               hidden.size());
   for (int64_t i = 0; i < L; ++i) {
     TORCH_CHECK(weights[i].dim() == 2, op, ": weights[", i, "] must be 2-d, got ", weights[i].sizes());
-    check_weight_dtype(op, "weights[i]", weights[i], z, "z");
+    check_weight_dtype(op, ("weights[" + std::to_string(i) + "]").c_str(), weights[i], z, "z");
     const at::Tensor& out = i + 1 < L ? hidden[i] : grad_logits;
     TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == weights[i].size(0), op, ": ",
                 i + 1 < L ? "hidden[i]" : "grad_logits", " (i = ", i, ") must have shape (N, out) = [", N,

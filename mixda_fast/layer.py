@@ -142,9 +142,11 @@ def activation_code(act: nn.Module) -> Optional[int]:
 
 
 def _packable(params: list) -> bool:
-    """Plain Parameters (no tensor subclass, not meta) of one trailing shape, dtype and device."""
+    """Plain Parameters (no tensor subclass; CPU or CUDA storage; not inference tensors, which
+    cannot become views) of one trailing shape, dtype and device."""
     p0 = params[0]
-    return all(type(p) is nn.Parameter and p.layout == torch.strided and not p.is_meta and p.dim() == p0.dim()
+    return all(type(p) is nn.Parameter and p.layout == torch.strided and p.device.type in ("cpu", "cuda")
+               and not p.is_inference() and p.dim() == p0.dim()
                and p.shape[1:] == p0.shape[1:] and p.dtype == p0.dtype and p.device == p0.device
                for p in params)
 
@@ -290,9 +292,12 @@ class MixDAFFN(nn.Module):
 
         In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into the
         buffer, so it is never stale. A replaced parameter (a new Parameter or module, ``.to()``)
-        is no longer a view of it: the kernel then runs the unpacked GEMMs, exactly as correct,
-        and the next forward packs again. Values, Parameter objects (so optimizer state),
-        ``requires_grad`` and flags are kept. Returns whether the parameters are packed."""
+        is no longer a view of it: the next eager forward packs again before it computes. Under
+        ``torch.compile`` the layer does not repack; the kernel checks the layout on every call
+        and runs the unpacked GEMMs, exactly as correct. Values, Parameter objects (so optimizer
+        state), ``requires_grad`` and flags are kept. Packing swaps the parameters' storage: run
+        one forward before sharing a model between threads. Returns whether the parameters are
+        packed (never for inference tensors, e.g. a model patched under ``torch.inference_mode``)."""
         ws, bs = self._pack_members(host)
         if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
             return False
@@ -309,14 +314,15 @@ class MixDAFFN(nn.Module):
 
     @torch.no_grad()
     def release_host_weights(self) -> None:
-        """Give the host's W2 and b2 storage of their own again if :meth:`pack_adapters` packed
-        them with the adapters (same values, so the unpatched model owns nothing of ours)."""
+        """Give the host's W2 and b2 storage of their own again when they share one (after
+        :meth:`pack_adapters` packed them with the adapters): same values, and the unpatched
+        model keeps no buffer of ours alive."""
         down = self._down()
-        ws, bs = self._pack_members(host=False)
-        if type(down) is not nn.Linear or not ws:
+        if type(down) is not nn.Linear:
             return
-        for p, ours in ((down.weight, ws[0]), (down.bias, bs[0])):
-            if p is not None and p.untyped_storage().data_ptr() == ours.untyped_storage().data_ptr():
+        for p in (down.weight, down.bias):
+            if (p is not None and p.device.type in ("cpu", "cuda") and not p.is_inference()
+                    and p.untyped_storage().nbytes() > p.numel() * p.element_size()):
                 with torch.inference_mode(False):
                     p.data = p.data.clone()
 
@@ -348,7 +354,8 @@ class MixDAFFN(nn.Module):
         params = self._fused_gate_params()
         if params is None:
             return self.gate(z)
-        return ops.gate_mlp(z.reshape(-1, z.shape[-1]), *params).view(*z.shape[:-1], -1)
+        ws, bs = params
+        return ops.gate_mlp(z.reshape(-1, z.shape[-1]), ws, bs).view(*z.shape[:-1], ws[-1].shape[0])
 
     def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, E) per sequence from the last non-padding token, or (B, T, E) per token."""
@@ -370,6 +377,12 @@ class MixDAFFN(nn.Module):
         squeeze = x.dim() == 2                                   # (T, D) inputs from odd callers
         if squeeze:
             x = x.unsqueeze(0)
+        if x.shape[0] == 0 or x.shape[1] == 0:                   # no tokens: nothing for a gate to read
+            y = self._down()(self.host_intermediate(x))
+            if self.capture is not None and self.adapters_enabled:
+                self.capture.append((y, y))
+            y = self._post(y)
+            return y.squeeze(0) if squeeze else y
         host = self._fused_host() if self.adapters_enabled and self.formulation == "fused" else None
         if host is not None:
             y, f = self._fused_forward(x, host)

@@ -130,13 +130,15 @@ def packed_rows(ts) -> Optional[Tensor]:
     if not ts or torch.compiler.is_compiling():
         return None
     t0 = ts[0]
-    if type(t0) not in (Tensor, torch.nn.Parameter) or t0.dim() < 1 or not t0.is_contiguous() or t0.is_meta:
+    if (type(t0) not in (Tensor, torch.nn.Parameter) or t0.dim() < 1 or not t0.is_contiguous()
+            or t0.device.type not in ("cpu", "cuda") or t0.is_inference()):
         return None
     if len(ts) == 1:
         return t0
     base, nxt, rows = t0.untyped_storage().data_ptr(), t0.storage_offset() + t0.numel(), t0.shape[0]
     for t in ts[1:]:
         if (type(t) not in (Tensor, torch.nn.Parameter) or not t.is_contiguous() or t.dim() != t0.dim()
+                or t.is_inference()
                 or t.shape[1:] != t0.shape[1:] or t.dtype != t0.dtype or t.device != t0.device
                 or t.untyped_storage().data_ptr() != base or t.storage_offset() != nxt):
             return None

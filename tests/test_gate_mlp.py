@@ -81,8 +81,8 @@ def test_opcheck(dtype):
     (lambda z, ws, bs: (z, [], []), "L >= 1"),
     (lambda z, ws, bs: (z, ws, bs[:1]), "weights and biases must each hold"),
     (lambda z, ws, bs: (z, [ws[0][:, :3], ws[1]], bs), "weights[0] must have shape (out, 8)"),
-    (lambda z, ws, bs: (z, [ws[0], ws[1].double()], bs), "weights[i] must have the dtype of z"),
-    (lambda z, ws, bs: (z, ws, [bs[0][:2], bs[1]]), "biases[i] must have shape"),
+    (lambda z, ws, bs: (z, [ws[0], ws[1].double()], bs), "weights[1] must have the dtype of z"),
+    (lambda z, ws, bs: (z, ws, [bs[0][:2], bs[1]]), "biases[0] must have shape"),
     (lambda z, ws, bs: (z.int(), ws, bs), "z must have dtype"),
 ])
 def test_bad_input_names_the_tensor(change, message):
@@ -107,8 +107,18 @@ def _token_layer(dropout):
     return model, mf.mixda_modules(model)[0]
 
 
-def test_layer_uses_the_op_only_while_dropout_is_inactive():
+def test_layer_uses_the_op_only_while_dropout_is_inactive(monkeypatch):
     model, layer = _token_layer(0.2)
+    calls = []
+    real = ops.gate_mlp
+    monkeypatch.setattr(ops, "gate_mlp", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 4, layer.hidden_size)
+    model.eval()
+    layer(x)
+    assert calls == [1]
+    model.train()
+    layer(x)
+    assert calls == [1]                                 # dropout active: the eager gate ran
     model.eval()
     assert layer._fused_gate_params() is not None
     model.train()

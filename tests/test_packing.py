@@ -78,6 +78,7 @@ def test_in_place_changes_are_seen(mode, dtype, family):
         _check(layer, x, mode, dtype)
     assert not torch.equal(first, _fused(layer, x, mode))
     assert layer.adapters_packed(host=True) and layer.adapters_packed()
+    assert (family == "bert") == (len(layer._pack_members(host=True)[0]) == len(layer.adapters) + 1)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -249,7 +250,7 @@ def _storage_is_own(p) -> bool:
 
 
 @pytest.mark.skipif(not ops.kernels_available(), reason="no compiled kernels")
-def test_host_w2_packed_on_first_forward_one_gemm_and_released_by_unpatch():
+def test_host_w2_packed_on_first_forward_and_released_by_unpatch():
     model = tiny_model("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, adapter_init="normal", gate_dropout=0.0))
@@ -283,8 +284,50 @@ def test_packed_model_saves_with_save_pretrained(tmp_path):
     _fused(layer, x, "no_grad")
     assert layer.adapters_packed(host=True)
     model.save_pretrained(tmp_path / "patched")                # shared, non-overlapping views save fine
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "patched" / "model.safetensors"))
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(saved[k], v), k
     mf.unpatch_model(model)
     model.save_pretrained(tmp_path / "plain")
     again = type(model).from_pretrained(tmp_path / "plain")
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_release_after_a_replaced_adapter_still_frees_the_buffer():
+    model, layer = _layer(family="bert")
+    _fused(layer, torch.randn(2, 5, layer.hidden_size), "no_grad")        # W2 packed
+    ad = layer.adapters["domain_0"]
+    ad.down.weight = torch.nn.Parameter(ad.down.weight.detach().clone())
+    down = layer._down()
+    mf.unpatch_model(model)
+    assert _storage_is_own(down.weight) and _storage_is_own(down.bias)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_patched_under_inference_mode_runs_unpacked(family):
+    with torch.inference_mode():
+        model, layer = _layer(family=family)
+        x = torch.randn(2, 5, layer.hidden_size)
+        got = [layer(x).clone() for _ in range(2)]                          # the second would repack
+        layer.formulation = "paper"
+        want = layer(x)
+    assert not layer.pack_adapters(host=True)                              # inference tensors stay as they are
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["sequence", "token"])
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_batches(gate, shape):
+    model, layer = _layer(family="bert", gate=gate)
+    model.eval()
+    x = torch.randn(*shape, layer.hidden_size)
+    with torch.no_grad():
+        y = layer(x)
+        layer.formulation = "paper"
+        want = layer(x)
+    assert y.shape == want.shape == x.shape
