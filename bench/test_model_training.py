@@ -26,7 +26,8 @@ def _params(stage: str, names):
     for model, b, t, huge in CASES:
         for c in names:
             marks = [pytest.mark.huge] if huge else []
-            out.append(pytest.param(model, b, t, c, marks=marks, id=f"{model}-{b}x{t}-{stage}-{c.replace(' ', '_')}"))
+            out.append(pytest.param(stage, model, b, t, c, marks=marks,
+                                    id=f"{model}-{b}x{t}-{stage}-{c.replace(' ', '_')}"))
     return out
 
 
@@ -39,28 +40,19 @@ def _steps(stage: str, model: str, b: int, t: int):
     return _cache[key]
 
 
-@pytest.mark.parametrize("model, b, t, contender", _params("stage1", mb.STAGE1))
-def test_stage1_step(benchmark, model, b, t, contender):
-    step = _steps("stage1", model, b, t)[contender]
-    benchmark.group = f"{model}-{b}x{t}-stage1-training-step"
+@pytest.mark.parametrize("stage, model, b, t, contender", _params("stage1", mb.STAGE1) + _params("stage2", mb.STAGE2))
+def test_training_step(benchmark, stage, model, b, t, contender):
+    step = _steps(stage, model, b, t)[contender]
+    benchmark.group = f"{model}-{b}x{t}-{stage}-training-step"
     benchmark.extra_info.update(trainable=step.trainable, lora_rank=getattr(step, "rank", None))
     step()
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("model, b, t, contender", _params("stage2", mb.STAGE2))
-def test_stage2_step(benchmark, model, b, t, contender):
-    step = _steps("stage2", model, b, t)[contender]
-    benchmark.group = f"{model}-{b}x{t}-stage2-training-step"
-    benchmark.extra_info.update(trainable=step.trainable, lora_rank=getattr(step, "rank", None))
-    step()
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("model, b, t, contender",
+@pytest.mark.parametrize("stage, model, b, t, contender",
                          _params("inference", ("plain model", "MixDA stage 2", "LoRA (rank 16, unmerged)")))
-def test_inference_latency(benchmark, model, b, t, contender):
-    key = ("inference", model, b, t)
+def test_inference_latency(benchmark, stage, model, b, t, contender):
+    key = (stage, model, b, t)
     if key not in _cache:
         _cache.clear()
         _cache[key] = mb.inference_contenders(model, b, t)

@@ -4,7 +4,7 @@
 // (as nn.LSTM.flatten_parameters() does with its weights). In-place updates (optimizer steps,
 // .data writes, load_state_dict) then land in the packed buffer itself, so it can never be stale;
 // a parameter that is replaced is no longer a view of the buffer, and the kernels see that here
-// and fall back to one GEMM per adapter until the layer packs again.
+// and run the unpacked GEMMs (until the layer's next eager forward packs again).
 //
 // Header-only: used by the CPU kernels and the CUDA launchers alike.
 

@@ -301,7 +301,7 @@ class MixDAFFN(nn.Module):
         ws, bs = self._pack_members(host)
         if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
             return False
-        if ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None:
+        if self.adapters_packed(host):
             return True
         with torch.inference_mode(False):              # plain tensors, usable by autograd later
             for params in (ws, bs):
@@ -337,7 +337,7 @@ class MixDAFFN(nn.Module):
         if self.formulation != "fused" or type(gate) is not MixDAGate or gate._forward_hooks or gate._forward_pre_hooks:
             return None
         ws, bs = [], []
-        for m in self.gate:
+        for m in gate:
             if m._forward_hooks or m._forward_pre_hooks:
                 return None
             if type(m) is nn.Linear:

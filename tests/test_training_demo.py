@@ -3,7 +3,6 @@ on it with the MiniLM tokenizer (a tiny model with MiniLM's vocabulary: no real 
 
 import json
 
-import pytest
 import torch
 import transformers as tf
 
@@ -33,14 +32,6 @@ def test_demo_data_is_valid_and_the_task_needs_the_knowledge_base(tmp_path):
     assert len(load_texts(data.general_train)) == 30 and len(load_texts(data.general_eval)) == 10
     assert make_people(5, seed=1) == make_people(5, seed=1) and len(set(make_people(200))) == 200
     assert all(6 <= len(s.split()) <= 30 for s in general_sentences(50))
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_one_stage1_step_on_demo_data_with_minilm_tokenizer(tmp_path, one_thread):

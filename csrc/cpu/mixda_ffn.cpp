@@ -260,17 +260,17 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cpu(const at::Tensor& h, const at::
   const std::optional<at::Tensor> B2 =
       w2_pack ? std::optional<at::Tensor>(to_ct(w2_pack->second, ct)) : to_ct(b2, ct);
   const std::optional<at::Tensor> wd_all = packed_rows(wdown), bd_all = packed_rows(bdown);
-  const bool packed = !w2_pack && wd_all.has_value() && bd_all.has_value();
-  std::vector<at::Tensor> Wd, Bd, Wu;
-  if (packed) {
+  std::vector<at::Tensor> Wd, Bd, Wu;      // the down GEMMs after W2's: none, one or K of them
+  if (!w2_pack && wd_all.has_value() && bd_all.has_value()) {
     Wd.push_back(to_ct(*wd_all, ct));
     Bd.push_back(to_ct(*bd_all, ct));
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    if (!packed && !w2_pack) {
+  } else if (!w2_pack) {
+    for (int64_t k = 0; k < K; ++k) {
       Wd.push_back(to_ct(wdown[k], ct));
       Bd.push_back(to_ct(bdown[k], ct));
     }
+  }
+  for (int64_t k = 0; k < K; ++k) {
     Wu.push_back(to_ct(wup[k], ct));
   }
   const at::Tensor Bu = at::stack(bup).to(ct);          // (K, D)
@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> mixda_out_cpu(const at::Tensor& h, const at::
     at::Tensor yb = convert ? at::empty({n, D}, copt) : y.narrow(0, r0, n);
     const at::Tensor f = pb.narrow(1, 0, D);
     gemm_bias_out(w2_pack ? pb : f, hb, W2, B2);    // f = h w2^T + b2 (and, packed, the adapters)
-    const int64_t rw = packed ? K * r : r;                                  // rows per down GEMM
+    const int64_t rw = Wd.empty() ? 0 : K * r / static_cast<int64_t>(Wd.size());  // rows per down GEMM
     for (size_t k = 0; k < Wd.size(); ++k) {
       gemm_bias_out(pb.narrow(1, D + k * rw, rw), zb, Wd[k], Bd[k]);        // adapter pre-activations
     }
