@@ -278,10 +278,22 @@ void check_mixda_out_backward_args(const at::Tensor& grad_y, const at::Tensor& p
               "), got ", logits.scalar_type(), ", ", logits.device());
 }
 
+// p in [0, 1); with p > 0 a seed: one int64 on the CPU (drawn from torch's generator by
+// mixda_fast.ops.gate_mlp), the key of the counter-based masks (csrc/philox.h).
+void check_dropout_args(const char* op, double p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(p >= 0 && p < 1, op, ": p (the dropout probability) must be in [0, 1), got ", p);
+  if (p == 0) return;
+  TORCH_CHECK(seed.has_value() && seed->defined(), op, ": seed must be given when p > 0 (p = ", p, ")");
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->is_cpu(), op,
+              ": seed must be one int64 on the CPU, got ", seed->sizes(), " ", seed->scalar_type(),
+              " on ", seed->device());
+}
+
 // gate_mlp(z (N, Din), weights [(H_1, Din), (H_2, H_1), .., (E, H_{L-1})], biases [(H_i,)])
 void check_gate_mlp_args(const char* op, const at::Tensor& z, at::TensorList weights,
-                         at::TensorList biases) {
+                         at::TensorList biases, double p, const std::optional<at::Tensor>& seed) {
   check_input(op, "z", z, "(N, Din)");
+  check_dropout_args(op, p, seed);
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L, op,
               ": weights and biases must each hold L >= 1 tensors (one per Linear layer), got ",
@@ -304,9 +316,11 @@ void check_gate_mlp_args(const char* op, const at::Tensor& z, at::TensorList wei
 
 // gate_mlp_backward(grad_logits (N, E), z (N, Din), weights, hidden [(N, H_i)] x (L - 1))
 void check_gate_mlp_backward_args(const at::Tensor& grad_logits, const at::Tensor& z,
-                                  at::TensorList weights, at::TensorList hidden) {
+                                  at::TensorList weights, at::TensorList hidden, double p,
+                                  const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "gate_mlp_backward";
   check_input(op, "z", z, "(N, Din)");
+  check_dropout_args(op, p, seed);
   const int64_t L = static_cast<int64_t>(weights.size()), N = z.size(0);
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(hidden.size()) == L - 1, op,
               ": hidden must hold L - 1 = ", L - 1, " tensors (one per layer but the last), got ",
@@ -361,13 +375,20 @@ TORCH_LIBRARY(mixda_fast, m) {
       "mixda_out_backward(Tensor grad_y, Tensor p, Tensor logits, Tensor[] wup, Tensor[] bup) -> "
       "(Tensor grad_p, Tensor grad_logits, Tensor s, Tensor grad_bup)",
       {at::Tag::pt2_compliant_tag});
-  // The gate MLP (MixDAGate without dropout): a_0 = z; a_i = relu(a_{i-1} W_i^T + b_i) for
+  // The gate MLP (MixDAGate): a_0 = z; a_i = relu(a_{i-1} W_i^T + b_i) for
   // i < L; logits = a_{L-1} W_L^T + b_L. hidden = [a_1 .. a_{L-1}] for the backward. 16-bit z on
   // CPUs without native bf16 GEMMs: computed in float32 end to end, rounded once at the end.
-  m.def("gate_mlp(Tensor z, Tensor[] weights, Tensor[] biases) -> (Tensor logits, Tensor[] hidden)",
-        {at::Tag::pt2_compliant_tag});
+  // With p > 0, dropout before every Linear (MixDAGate in training): masks from the counter-based
+  // generator of csrc/philox.h keyed by seed, kept elements scaled by 1 / (1 - p); hidden then
+  // holds the dropped activations (the inputs of Linear layers 2..L).
   m.def(
-      "gate_mlp_backward(Tensor grad_logits, Tensor z, Tensor[] weights, Tensor[] hidden) -> "
+      "gate_mlp(Tensor z, Tensor[] weights, Tensor[] biases, float p=0., Tensor? seed=None) -> "
+      "(Tensor logits, Tensor[] hidden)",
+      {at::Tag::pt2_compliant_tag});
+  // grad_z is empty (0,) when grad_z is False (its GEMM skipped).
+  m.def(
+      "gate_mlp_backward(Tensor grad_logits, Tensor z, Tensor[] weights, Tensor[] hidden, "
+      "float p=0., Tensor? seed=None, bool grad_z=True) -> "
       "(Tensor grad_z, Tensor[] grad_weights, Tensor[] grad_biases)",
       {at::Tag::pt2_compliant_tag});
 }

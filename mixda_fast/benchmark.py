@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -77,6 +77,7 @@ class CaseSpec:
     mode: str = "inference"
     gate: str = "sequence"
     contenders: Optional[tuple[str, ...]] = None
+    gate_dropout: float = 0.0     # the gate's dropout p; active in training cases only
 
     @property
     def tokens(self) -> str:
@@ -200,7 +201,7 @@ def _fused_choice(layer) -> tuple[str, str, Optional[str]]:
 
 def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, batch: int = 8,
                seq: int = 128, gate: str = "sequence", training: bool = False,
-               contenders: Optional[Sequence[str]] = None) -> Case:
+               contenders: Optional[Sequence[str]] = None, gate_dropout: float = 0.0) -> Case:
     """A one-layer host model of ``shape`` patched with K = ``domains`` adapters, and one callable
     per contender. Each callable sets the ops backend it needs; restore it afterwards
     (:func:`run_layer_bench` does). The compiled contender compiles on ``case.compile_now()``."""
@@ -216,8 +217,9 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
     dt = DTYPES[dtype]
     torch.manual_seed(0)
     model = _tiny_host(model_type, d, ff).to(dt)
-    patch_model(model, MixDAConfig(num_domains=domains, gate=gate, adapter_init="normal", gate_dropout=0.0))
+    patch_model(model, MixDAConfig(num_domains=domains, gate=gate, adapter_init="normal", gate_dropout=gate_dropout))
     layer = mixda_modules(model)[0]
+    layer.gate.train(training)       # the gate's dropout (if any) on in training; the host stays in eval
     # Stage 1: host frozen, adapters + gate train (set directly: only this layer matters here).
     model.requires_grad_(False)
     trainable = [p for m in (layer.adapters, layer.gate) for p in m.parameters()]
@@ -338,7 +340,7 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
             train = spec.mode == "training"
             say(f"case: {spec.shape} {spec.dtype} K={spec.domains} {spec.tokens} {spec.mode}")
             case = build_case(spec.shape, spec.dtype, spec.domains, spec.batch, spec.seq, spec.gate,
-                              train, spec.contenders)
+                              train, spec.contenders, spec.gate_dropout)
             ctx = torch.enable_grad() if train else torch.inference_mode()
             with ctx:
                 if case.compile_now is not None:
@@ -613,6 +615,16 @@ def _shape_arg(text: str) -> str:
     return text
 
 
+def _dropout_arg(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0 <= p < 1:
+        raise argparse.ArgumentTypeError(f"--gate-dropout {text!r}: expected a probability in [0, 1)")
+    return p
+
+
 def build_parser(prog: str = "python -m mixda_fast.benchmark") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -630,6 +642,8 @@ def build_parser(prog: str = "python -m mixda_fast.benchmark") -> argparse.Argum
     p.add_argument("--mode", nargs="+", choices=list(MODES), default=None, help="default inference")
     p.add_argument("--train", action="store_true", help="same as --mode training")
     p.add_argument("--gate", default="sequence", choices=["sequence", "token"])
+    p.add_argument("--gate-dropout", type=_dropout_arg, default=0.0,
+                   help="the gate's dropout p in training cases (default 0; MixDAConfig's default is 0.2)")
     p.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
                    help="default all (plain is always timed: it is the reference of x plain and x floor)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contender")
@@ -667,12 +681,13 @@ def _specs_from_args(args: argparse.Namespace) -> list[CaseSpec]:
             specs = [CaseSpec(s.shape, s.dtype, s.domains, s.batch if s.seq == 1 else 1, s.seq, s.mode, s.gate)
                      for s in specs if s.mode == "inference"]
         specs = [CaseSpec(s.shape, s.dtype, s.domains, s.batch, s.seq, s.mode, args.gate,
-                          tuple(c for c in contenders if c in (s.contenders or CONTENDERS)))
+                          tuple(c for c in contenders if c in (s.contenders or CONTENDERS)), args.gate_dropout)
                  for s in specs]
         return list(dict.fromkeys(specs))
     default_tokens = [(16, 1), (1, 128)] if args.quick else [(16, 1), (8, 128)]
-    return _cases_from_grid(args.shape or ["bert-base"], args.dtype or ["fp32", "bf16"], args.domains or [4],
-                            args.tokens or default_tokens, args.gate, modes or ["inference"], contenders)
+    specs = _cases_from_grid(args.shape or ["bert-base"], args.dtype or ["fp32", "bf16"], args.domains or [4],
+                             args.tokens or default_tokens, args.gate, modes or ["inference"], contenders)
+    return [replace(s, gate_dropout=args.gate_dropout) for s in specs]
 
 
 def _load() -> str:
@@ -697,8 +712,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m mixda_fast
           f"kernels {'built' if ops.kernels_available() else 'NOT built'}, {len(specs)} cases, "
           f"{reps} rounds (+1 warm-up), medians, interleaved; {_load()}", flush=True)
     print(f"fraction of peak = layer GEMM FLOP/s / FLOP/s of a {args.peak_n}^3 GEMM (x @ W^T) of the same dtype, "
-          f"same run; training step = forward + backward, host frozen, FLOPs = 2 FFN + 3 (adapters + gate)",
-          flush=True)
+          f"same run; training step = forward + backward, host frozen, FLOPs = 2 FFN + 3 (adapters + gate); "
+          f"gate {args.gate}, gate dropout in training {args.gate_dropout:g}", flush=True)
     t0 = time.perf_counter()
     profiles: list[str] = []
     def collect_profile(case: Case) -> None:

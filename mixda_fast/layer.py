@@ -330,32 +330,35 @@ class MixDAFFN(nn.Module):
         return self._sub(self._spec.post)(y) if self._spec.post else y
 
     # -- gate -------------------------------------------------------------------------------
-    def _fused_gate_params(self) -> Optional[tuple[list, list]]:
-        """(weights, biases) for ``ops.gate_mlp`` when the fused formulation may run the gate
-        as one op: its dropout inactive (eval mode or p = 0), it and its modules unhooked."""
+    def _fused_gate_params(self) -> Optional[tuple[list, list, float]]:
+        """(weights, biases, dropout p) for ``ops.gate_mlp`` when the fused formulation may run
+        the gate as one op: a MixDAGate of the layout it builds (Dropout before every Linear,
+        ReLU between), unhooked, its dropouts all inactive (eval mode or p = 0) or all active
+        with one p."""
         gate = self.gate
         if self.formulation != "fused" or type(gate) is not MixDAGate or gate._forward_hooks or gate._forward_pre_hooks:
             return None
-        ws, bs = [], []
-        for m in gate:
-            if m._forward_hooks or m._forward_pre_hooks:
-                return None
-            if type(m) is nn.Linear:
-                ws.append(m.weight)
-                bs.append(m.bias)
-            elif type(m) is nn.Dropout:
-                if m.training and m.p > 0:
-                    return None
-            elif type(m) is not nn.ReLU:
-                return None
-        return (ws, bs) if all(b is not None for b in bs) else None
+        mods = list(gate)
+        L = sum(type(m) is nn.Linear for m in mods)
+        layout = [t for i in range(L) for t in ((nn.ReLU,) if i else ()) + (nn.Dropout, nn.Linear)]
+        if [type(m) for m in mods] != layout or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+            return None
+        ws = [m.weight for m in mods if type(m) is nn.Linear]
+        bs = [m.bias for m in mods if type(m) is nn.Linear]
+        ps = {m.p if m.training else 0.0 for m in mods if type(m) is nn.Dropout}
+        if len(ps) != 1 or any(b is None for b in bs):
+            return None
+        return ws, bs, ps.pop()
 
     def _gate(self, z: torch.Tensor) -> torch.Tensor:
         params = self._fused_gate_params()
-        if params is None:
+        # Dropout in the op needs the kernels: the reference's counter-based masks are slow,
+        # and the eager gate's nn.Dropout is the faster fallback.
+        if params is None or (params[2] > 0 and not ops.runs_kernels_for(z)):
             return self.gate(z)
-        ws, bs = params
-        return ops.gate_mlp(z.reshape(-1, z.shape[-1]), ws, bs).view(*z.shape[:-1], ws[-1].shape[0])
+        ws, bs, p = params
+        logits = ops.gate_mlp(z.reshape(-1, z.shape[-1]), ws, bs, p)
+        return logits.view(*z.shape[:-1], ws[-1].shape[0])
 
     def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, E) per sequence from the last non-padding token, or (B, T, E) per token."""

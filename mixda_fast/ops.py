@@ -28,7 +28,8 @@ from .reference import (_check_softmax_combine_args, ffn_in_ref, gate_mlp_ref, m
                         softmax_combine_ref)
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "softmax_combine",
-           "ffn_in", "mixda_out", "gate_mlp", "packed_rows"]
+           "ffn_in", "mixda_out", "gate_mlp", "dropout_seed", "packed_rows",
+           "runs_kernels_for"]
 
 BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MIXDA_FAST_BACKEND"
@@ -72,6 +73,12 @@ def _use_kernel_for(t: Tensor) -> bool:
     return _use_kernels and t.device.type in _KERNEL_DEVICES
 
 
+def runs_kernels_for(t: Tensor) -> bool:
+    """True when the ops, called with tensors on ``t``'s device, run the compiled kernels (the
+    backend allows them and the extension has kernels for that device), not the references."""
+    return _use_kernel_for(t)
+
+
 def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     """``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``.
 
@@ -111,13 +118,23 @@ def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: lis
     return mixda_out_ref(h, z, w2, b2, wdown, bdown, wup, bup, logits)
 
 
-def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
-    """The gate MLP in one op: logits (N, E) of Linear layers with ReLU between them (the
-    ``MixDAGate`` without dropout). z (N, Din); weights (H_1, Din) .. (E, H_{L-1}); biases (H_i,).
-    Differentiable in every tensor. See ``gate_mlp_ref``."""
+def dropout_seed() -> Tensor:
+    """A key for the counter-based dropout masks of ``gate_mlp``: one int64 drawn from torch's
+    default CPU generator, so ``torch.manual_seed`` makes the masks reproducible."""
+    return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64)
+
+
+def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 0.0,
+             seed: Optional[Tensor] = None) -> Tensor:
+    """The gate MLP in one op: logits (N, E) of Linear layers with ReLU between them and, with
+    ``p > 0``, dropout before each (the ``MixDAGate``). z (N, Din); weights (H_1, Din) ..
+    (E, H_{L-1}); biases (H_i,). Masks are keyed by ``seed`` (one int64 CPU tensor; drawn by
+    ``dropout_seed`` when None). Differentiable in every tensor. See ``gate_mlp_ref``."""
+    if p > 0 and seed is None:
+        seed = dropout_seed()
     if _use_kernel_for(z):
-        return torch.ops.mixda_fast.gate_mlp.default(z, list(weights), list(biases))[0]
-    return gate_mlp_ref(z, weights, biases)[0]
+        return torch.ops.mixda_fast.gate_mlp.default(z, list(weights), list(biases), p, seed)[0]
+    return gate_mlp_ref(z, weights, biases, p, seed)[0]
 
 
 def packed_rows(ts) -> Optional[Tensor]:
@@ -347,7 +364,7 @@ if _ext.EXT_AVAILABLE:
     # -- gate_mlp -------------------------------------------------------------------------------
 
     @torch.library.register_fake("mixda_fast::gate_mlp")
-    def _gate_mlp_fake(z, weights, biases):
+    def _gate_mlp_fake(z, weights, biases, p=0.0, seed=None):
         if z.dim() != 2 or len(weights) < 1:
             raise RuntimeError(f"gate_mlp: z must have shape (N, Din) and weights L >= 1 tensors, got "
                                f"{list(z.shape)} and {len(weights)}")
@@ -355,25 +372,28 @@ if _ext.EXT_AVAILABLE:
         return z.new_empty((N, weights[-1].shape[0])), [z.new_empty((N, w.shape[0])) for w in weights[:-1]]
 
     @torch.library.register_fake("mixda_fast::gate_mlp_backward")
-    def _gate_mlp_backward_fake(grad_logits, z, weights, hidden):
-        return (z.new_empty(z.shape), [w.new_empty(w.shape) for w in weights],
+    def _gate_mlp_backward_fake(grad_logits, z, weights, hidden, p=0.0, seed=None, grad_z=True):
+        return (z.new_empty(z.shape if grad_z else (0,)), [w.new_empty(w.shape) for w in weights],
                 [w.new_empty((w.shape[0],)) for w in weights])
 
     def _gate_mlp_setup_context(ctx, inputs, output) -> None:
-        z, weights, biases = inputs
-        ctx.L = len(weights)
+        z, weights, biases, p, seed = inputs           # defaults filled in by torch.library
+        ctx.L, ctx.p = len(weights), p
         ctx.bias_dtypes = [b.dtype for b in biases]
-        ctx.save_for_backward(z, *weights, *output[1])
+        ctx.save_for_backward(z, seed, *weights, *output[1])
 
     def _gate_mlp_backward(ctx, grad_logits: Tensor, grad_hidden):
         # hidden is returned for this backward only (ops.gate_mlp drops it): not differentiable
-        z, *rest = ctx.saved_tensors
+        z, seed, *rest = ctx.saved_tensors
         weights, hidden = rest[:ctx.L], rest[ctx.L:]
+        need_z = ctx.needs_input_grad[0]
         grad_z, grad_w, grad_b = torch.ops.mixda_fast.gate_mlp_backward.default(
-            grad_logits, z, list(weights), list(hidden))
-        need = ctx.needs_input_grad
-        return (grad_z if need[0] else None, list(grad_w),
-                [g.to(dt) for g, dt in zip(grad_b, ctx.bias_dtypes)])
+            grad_logits, z, list(weights), list(hidden), ctx.p, seed, need_z)
+        grads = (grad_z if need_z else None, list(grad_w),
+                 [g.to(dt) for g, dt in zip(grad_b, ctx.bias_dtypes)], None, None)
+        # The dispatcher drops trailing arguments equal to their defaults from the call, and
+        # the backward must match the call: needs_input_grad has its length.
+        return grads[:len(ctx.needs_input_grad)]
 
     torch.library.register_autograd("mixda_fast::gate_mlp", _gate_mlp_backward,
                                     setup_context=_gate_mlp_setup_context)

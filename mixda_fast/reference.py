@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .philox import dropout_keep
+
 __all__ = ["softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref", "ffn_in_backward_ref",
            "mixda_out_ref", "mixda_out_backward_ref", "gate_mlp_ref"]
 
@@ -179,20 +181,36 @@ def mixda_out_backward_ref(grad_y: Tensor, p: Tensor, logits: Tensor, wup: list[
     return grad_p, grad_logits, s.detach(), grad_bup
 
 
-def gate_mlp_ref(z: Tensor, weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """The gate MLP (``MixDAGate`` in eval mode): Linear layers with ReLU between them.
+def gate_mlp_ref(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 0.0,
+                 seed: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
+    """The gate MLP (``MixDAGate``): Linear layers with ReLU between them, and with ``p > 0``
+    dropout before every Linear (masks of ``philox.dropout_keep``: the kernel's, bit for bit).
 
     Args:
         z: (N, Din); weights: L tensors (H_1, Din), (H_2, H_1), .., (E, H_{L-1}); biases (H_i,).
             Weights may be float32 for 16-bit ``z`` (cast to z's dtype here).
+        p: dropout probability in [0, 1); seed: one int64 (CPU tensor), needed when p > 0.
 
     Returns:
-        logits (N, E) and hidden: the L - 1 post-ReLU activations (N, H_i), in z's dtype.
+        logits (N, E) and hidden: the L - 1 inputs of Linear layers 2..L (post-ReLU, post-dropout
+        activations (N, H_i)), in z's dtype.
     """
-    a, hidden = z, []
+    if not 0 <= p < 1:
+        raise RuntimeError(f"gate_mlp: p (the dropout probability) must be in [0, 1), got {p}")
+    if p > 0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
+        raise RuntimeError(f"gate_mlp: seed must be one int64 when p > 0, got {seed!r}")
+    key = int(seed.item()) if p > 0 else 0
+
+    def drop(a: Tensor, layer: int) -> Tensor:
+        if p == 0:
+            return a
+        keep = dropout_keep(a.shape, p, key, layer, device=a.device)
+        return torch.where(keep, a.to(_acc_dtype(a.dtype)) * (1.0 / (1.0 - p)), 0).to(a.dtype)
+
+    a, hidden = drop(z, 0), []
     for i, (w, b) in enumerate(zip(weights, biases)):
         a = F.linear(a, w.to(z.dtype), b.to(z.dtype))
         if i + 1 < len(weights):
-            a = torch.relu(a)
+            a = drop(torch.relu(a), i + 1)
             hidden.append(a)
     return a, hidden

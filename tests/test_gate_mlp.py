@@ -1,7 +1,8 @@
-"""The gate MLP op (mixda_fast::gate_mlp and its backward): the per-token gate's Linear/ReLU stack
-in one op, computed in float32 for bf16 inputs on CPUs without native bf16 GEMMs. Kernel vs
-reference over a property-based shape grid, gradcheck, opcheck, bad input, and the patched layer
-using it exactly when the gate's dropout is inactive."""
+"""The gate MLP op (mixda_fast::gate_mlp and its backward): the per-token gate's Linear/ReLU stack,
+with its dropout, in one op, computed in float32 for bf16 inputs on CPUs without native bf16
+GEMMs. Kernel vs reference (the same counter-based dropout masks, bit for bit) over a
+property-based shape grid, the masks' statistics, gradcheck, opcheck, bad input, and the patched
+layer using it in eval and in training."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 import mixda_fast as mf
 from mixda_fast import _ext, ops
+from mixda_fast.philox import dropout_keep, philox4x32_10
 from mixda_fast.reference import gate_mlp_ref
 from tiny_models import tiny_model
 
@@ -30,11 +32,13 @@ def gate_inputs(N, widths, dtype=torch.float32, transposed=False, seed=0):
 @needs_kernels
 @settings(max_examples=120, deadline=None)
 @given(N=st.integers(1, 40), widths=st.lists(st.integers(1, 33), min_size=2, max_size=5),
-       transposed=st.booleans(), seed=st.integers(0, 3))
-def test_fp32_kernel_matches_reference_property(N, widths, transposed, seed):
+       transposed=st.booleans(), seed=st.integers(0, 3), p=st.sampled_from([0.0, 0.0, 0.1, 0.5, 0.9]),
+       key=st.integers(-2 ** 63, 2 ** 63 - 1))
+def test_fp32_kernel_matches_reference_property(N, widths, transposed, seed, p, key):
     z, ws, bs = gate_inputs(N, widths, transposed=transposed, seed=seed)
-    logits, hidden = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs)
-    want, want_hidden = gate_mlp_ref(z, ws, bs)
+    key = torch.tensor(key)
+    logits, hidden = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs, p, key)
+    want, want_hidden = gate_mlp_ref(z, ws, bs, p, key)
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
     assert len(hidden) == len(want_hidden)
     for a, b in zip(hidden, want_hidden):
@@ -43,12 +47,14 @@ def test_fp32_kernel_matches_reference_property(N, widths, transposed, seed):
 
 @needs_kernels
 @settings(max_examples=40, deadline=None)
-@given(N=st.integers(1, 24), widths=st.lists(st.integers(2, 40), min_size=2, max_size=5), seed=st.integers(0, 3))
-def test_bf16_within_2x_reference_error_property(N, widths, seed):
+@given(N=st.integers(1, 24), widths=st.lists(st.integers(2, 40), min_size=2, max_size=5), seed=st.integers(0, 3),
+       p=st.sampled_from([0.0, 0.2]))
+def test_bf16_within_2x_reference_error_property(N, widths, seed, p):
     z, ws, bs = gate_inputs(N, widths, dtype=torch.bfloat16, seed=seed)
-    oracle = gate_mlp_ref(z.double(), [w.double() for w in ws], [b.double() for b in bs])[0]
-    out = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs)[0]
-    ref = gate_mlp_ref(z, ws, bs)[0]
+    key = torch.tensor(seed + 7)
+    oracle = gate_mlp_ref(z.double(), [w.double() for w in ws], [b.double() for b in bs], p, key)[0]
+    out = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs, p, key)[0]
+    ref = gate_mlp_ref(z, ws, bs, p, key)[0]
     assert out.dtype == torch.bfloat16
     err = (out.double() - oracle).abs().max().item()
     ref_err = (ref.double() - oracle).abs().max().item()
@@ -56,23 +62,32 @@ def test_bf16_within_2x_reference_error_property(N, widths, seed):
 
 
 @needs_kernels
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("widths", [[5, 7, 3], [4, 2], [6, 5, 5, 5, 4]])
-def test_gradcheck(widths):
+def test_gradcheck(widths, p):
     z, ws, bs = gate_inputs(3, widths, dtype=torch.float64)
-    L = len(ws)
+    L, key = len(ws), torch.tensor(11)
     params = [t.requires_grad_() for t in (z, *ws, *bs)]
-    assert torch.autograd.gradcheck(lambda z, *p: ops.gate_mlp(z, list(p[:L]), list(p[L:])), params)
+    assert torch.autograd.gradcheck(lambda z, *w: ops.gate_mlp(z, list(w[:L]), list(w[L:]), p, key), params)
+    # and without z's gradient (its GEMM skipped): the weights' gradients alone
+    z.requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda *w: ops.gate_mlp(z, list(w[:L]), list(w[L:]), p, key), params[1:])
 
 
 @needs_kernels
+@pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
+def test_opcheck(dtype, p):
     z, ws, bs = gate_inputs(6, [8, 5, 5, 3], dtype=dtype)
+    key = torch.tensor(3) if p else None
     torch.library.opcheck(torch.ops.mixda_fast.gate_mlp.default,
-                          (z.requires_grad_(), [w.requires_grad_() for w in ws], [b.requires_grad_() for b in bs]))
-    logits, hidden = torch.ops.mixda_fast.gate_mlp.default(z.detach(), [w.detach() for w in ws], [b.detach() for b in bs])
-    torch.library.opcheck(torch.ops.mixda_fast.gate_mlp_backward.default,
-                          (torch.randn_like(logits), z.detach(), [w.detach() for w in ws], list(hidden)))
+                          (z.requires_grad_(), [w.requires_grad_() for w in ws], [b.requires_grad_() for b in bs], p, key))
+    logits, hidden = torch.ops.mixda_fast.gate_mlp.default(z.detach(), [w.detach() for w in ws], [b.detach() for b in bs],
+                                                           p, key)
+    for grad_z in (True, False):
+        torch.library.opcheck(torch.ops.mixda_fast.gate_mlp_backward.default,
+                              (torch.randn_like(logits), z.detach(), [w.detach() for w in ws], list(hidden), p, key,
+                               grad_z))
 
 
 @needs_kernels
@@ -84,6 +99,11 @@ def test_opcheck(dtype):
     (lambda z, ws, bs: (z, [ws[0], ws[1].double()], bs), "weights[1] must have the dtype of z"),
     (lambda z, ws, bs: (z, ws, [bs[0][:2], bs[1]]), "biases[0] must have shape"),
     (lambda z, ws, bs: (z.int(), ws, bs), "z must have dtype"),
+    (lambda z, ws, bs: (z, ws, bs, 1.0, torch.tensor(1)), "p (the dropout probability) must be in [0, 1), got 1"),
+    (lambda z, ws, bs: (z, ws, bs, -0.1, torch.tensor(1)), "p (the dropout probability) must be in [0, 1), got -0.1"),
+    (lambda z, ws, bs: (z, ws, bs, 0.2), "seed must be given when p > 0"),
+    (lambda z, ws, bs: (z, ws, bs, 0.2, torch.tensor(1.0)), "seed must be one int64 on the CPU, got [] Float"),
+    (lambda z, ws, bs: (z, ws, bs, 0.2, torch.tensor([1, 2])), "seed must be one int64 on the CPU, got [2] Long"),
 ])
 def test_bad_input_names_the_tensor(change, message):
     z, ws, bs = gate_inputs(4, [8, 5, 3])
@@ -101,34 +121,155 @@ def test_backward_bad_input_names_the_tensor():
         torch.ops.mixda_fast.gate_mlp_backward.default(logits[:, :2], z, ws, list(hidden))
 
 
+@pytest.fixture
+def backend():
+    before = ops.get_backend()
+    yield ops.set_backend
+    ops.set_backend(before)
+
+
 def _token_layer(dropout):
     model = tiny_model("bert")
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, gate="token", gate_dropout=dropout))
     return model, mf.mixda_modules(model)[0]
 
 
-def test_layer_uses_the_op_only_while_dropout_is_inactive(monkeypatch):
+@needs_kernels
+def test_layer_uses_the_op_in_eval_and_in_training(monkeypatch, backend):
     model, layer = _token_layer(0.2)
     calls = []
     real = ops.gate_mlp
-    monkeypatch.setattr(ops, "gate_mlp", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "gate_mlp", lambda *a: calls.append(a[3]) or real(*a))
     x = torch.randn(2, 4, layer.hidden_size)
     model.eval()
     layer(x)
-    assert calls == [1]
     model.train()
+    layer(x).sum().backward()
+    assert calls == [0.0, 0.2]                          # dropout off in eval, the gate's p in training
+    assert all(p.grad is not None for p in layer.gate.parameters())
+    backend("torch")                                    # no kernels: nn.Dropout beats the reference's masks
     layer(x)
-    assert calls == [1]                                 # dropout active: the eager gate ran
+    assert len(calls) == 2
     model.eval()
-    assert layer._fused_gate_params() is not None
-    model.train()
-    assert layer._fused_gate_params() is None           # dropout active: the eager gate
+    layer(x)
+    assert calls[2:] == [0.0]
     layer.formulation = "paper"
-    model.eval()
     assert layer._fused_gate_params() is None           # the eager reference stays eager
+
+
+def test_fused_gate_params_need_the_layout_and_one_p():
+    model, layer = _token_layer(0.2)
+    model.train()
+    ws, bs, p = layer._fused_gate_params()
+    assert p == 0.2 and len(ws) == len(bs) == 4
+    layer.gate[3].p = 0.3                                # dropouts disagree: the eager gate
+    assert layer._fused_gate_params() is None
+    layer.gate[3].p = 0.2
+    layer.gate[0].eval()                                # one dropout off, the others on
+    assert layer._fused_gate_params() is None
+    layer.gate[0].train()
+    layer.gate[2] = torch.nn.GELU()                      # not the layout the op computes
+    assert layer._fused_gate_params() is None
     model, layer = _token_layer(0.0)
     model.train()
-    assert layer._fused_gate_params() is not None
+    assert layer._fused_gate_params()[2] == 0.0
+
+
+@needs_kernels
+def test_layer_training_gate_is_the_reference_with_the_drawn_seed():
+    model, layer = _token_layer(0.3)
+    model.train()
+    z = torch.randn(3, 5, layer.intermediate_size)
+    ws, bs, p = layer._fused_gate_params()
+    torch.manual_seed(4)
+    got = layer.gate_logits(z)
+    again = (torch.manual_seed(4), layer.gate_logits(z))[1]
+    torch.manual_seed(4)
+    key = ops.dropout_seed()                             # what the layer drew
+    want = gate_mlp_ref(z.reshape(15, -1), ws, bs, p, key)[0].view(3, 5, -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)   # torch.manual_seed reproduces the masks
+    assert not torch.allclose(layer.gate_logits(z), got)   # a new draw, new masks
+    model.eval()
+    assert not torch.allclose(layer.gate_logits(z), got)
+
+
+def _kernel_masks(N, W, p, key):
+    """The kernel's keep masks of z (layer 0) and of the first hidden activation (layer 1) for
+    (N, W) activations, read through identity Linears on ones: logits are 1 / (1 - p) where kept,
+    hidden[0] is nonzero where both masks keep."""
+    z = torch.ones(N, W, dtype=torch.float64)
+    eye, zero = torch.eye(W, dtype=torch.float64), torch.zeros(W, dtype=torch.float64)
+    logits, hidden = torch.ops.mixda_fast.gate_mlp.default(z, [eye, eye], [zero, zero], p, torch.tensor(key))
+    first = torch.ops.mixda_fast.gate_mlp.default(z, [eye], [zero], p, torch.tensor(key))[0]
+    assert set(first.unique().tolist()) <= {0.0, 1 / (1 - p)}
+    return first != 0, hidden[0] != 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_masks_are_the_reference_and_keep_one_minus_p_independently(p):
+    N, W, key = 400, 500, 12345
+    k0, k01 = _kernel_masks(N, W, p, key)
+    ref0, ref1 = dropout_keep((N, W), p, key, 0), dropout_keep((N, W), p, key, 1)
+    assert torch.equal(k0, ref0) and torch.equal(k01, ref0 & ref1)
+    n, sigma = N * W, (p * (1 - p) / (N * W)) ** 0.5
+    assert abs(ref0.double().mean().item() - (1 - p)) < 5 * sigma
+    for other in (ref1, dropout_keep((N, W), p, key + 1, 0)):   # other layer, other seed: independent
+        assert abs((ref0 & other).double().mean().item() - (1 - p) ** 2) < 5 * sigma
+    # neighbours (within a Philox call and across calls) are uncorrelated too
+    assert abs((ref0[:, 1:] & ref0[:, :-1]).double().mean().item() - (1 - p) ** 2) < 5 * sigma
+    assert torch.equal(_kernel_masks(N, W, p, key)[0], k0)      # a function of the seed
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for philox4x32_10 (kat_vectors)."""
+    def words(ctr, key):
+        return [int(w) for w in philox4x32_10(*(torch.tensor([c]) for c in ctr), *key)]
+    assert words((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    ones = 0xFFFFFFFF
+    assert words((ones,) * 4, (ones, ones)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert words((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@needs_kernels
+def test_dropout_masks_do_not_depend_on_threads():
+    before = torch.get_num_threads()
+    try:
+        z, ws, bs = gate_inputs(300, [400, 64, 5])
+        key = torch.tensor(-99)
+        torch.set_num_threads(1)
+        one = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs, 0.5, key)
+        torch.set_num_threads(2)
+        two = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs, 0.5, key)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one[1][0], two[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(one[0], two[0])
+
+
+@needs_kernels
+def test_compiled_training_step_matches_eager_without_graph_breaks():
+    model, layer = _token_layer(0.2)
+    model.train()
+    x = torch.randn(2, 6, layer.hidden_size)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(layer)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(9)
+    want = layer(x)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in layer.gate.parameters()]
+    layer.zero_grad()
+    torch.manual_seed(9)
+    got = compiled(x)                                    # aot_eager draws the seed from torch's generator
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip((p.grad for p in layer.gate.parameters()), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../gate_mlp.h"
+
 #include <cuda_runtime_api.h>
 
 #include <optional>
@@ -30,14 +32,6 @@ void check_mixda_out_backward_args(const at::Tensor& grad_y, const at::Tensor& p
                                    const at::Tensor& logits, at::TensorList wup,
                                    at::TensorList bup);
 
-// Defined in csrc/cpu/gate_mlp.cpp: ATen ops only, so the same functions serve the CUDA key.
-std::tuple<at::Tensor, std::vector<at::Tensor>> gate_mlp_impl(const at::Tensor& z,
-                                                              at::TensorList weights,
-                                                              at::TensorList biases);
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gate_mlp_backward_impl(
-    const at::Tensor& grad_logits, const at::Tensor& z, at::TensorList weights,
-    at::TensorList hidden);
-
 // Defined in csrc/cuda/mixda_ffn.cu.
 std::tuple<at::Tensor, at::Tensor> ffn_in_cuda_launch(const at::Tensor& x, const at::Tensor& w1,
                                                       const std::optional<at::Tensor>& b1,
@@ -54,10 +48,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixda_out_backward_cu
     const at::Tensor& grad_y, const at::Tensor& p, const at::Tensor& logits, at::TensorList wup,
     at::TensorList bup, cudaStream_t stream);
 
+// Defined in csrc/cuda/dropout.cu.
+void relu_dropout_cuda_launch(const at::Tensor& in, const at::Tensor& out, bool relu, double p,
+                              uint64_t seed, int64_t layer, cudaStream_t stream);
+
 namespace {
 
 cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void relu_dropout_cuda(const at::Tensor& in, const at::Tensor& out, bool relu, double p,
+                       uint64_t seed, int64_t layer) {
+  relu_dropout_cuda_launch(in, out, relu, p, seed, layer, current_stream(in));
 }
 
 }  // namespace
@@ -100,13 +103,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixda_out_backward_cu
   return mixda_out_backward_cuda_launch(grad_y, p, logits, wup, bup, current_stream(p));
 }
 
+// gate_mlp: GEMMs through ATen (cuBLAS), the ReLU + dropout epilogue by csrc/cuda/dropout.cu.
+std::tuple<at::Tensor, std::vector<at::Tensor>> gate_mlp_cuda(const at::Tensor& z,
+                                                              at::TensorList weights,
+                                                              at::TensorList biases, double p,
+                                                              const std::optional<at::Tensor>& seed) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  return gate_mlp_run(z, weights, biases, p, seed, &relu_dropout_cuda);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gate_mlp_backward_cuda(
+    const at::Tensor& grad_logits, const at::Tensor& z, at::TensorList weights,
+    at::TensorList hidden, double p, const std::optional<at::Tensor>& seed, bool grad_z) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  return gate_mlp_backward_run(grad_logits, z, weights, hidden, p, seed, grad_z, &relu_dropout_cuda);
+}
+
 TORCH_LIBRARY_IMPL(mixda_fast, CUDA, m) {
   m.impl("ffn_in", &ffn_in_cuda);
   m.impl("ffn_in_backward", &ffn_in_backward_cuda);
   m.impl("mixda_out", &mixda_out_cuda);
   m.impl("mixda_out_backward", &mixda_out_backward_cuda);
-  m.impl("gate_mlp", &gate_mlp_impl);
-  m.impl("gate_mlp_backward", &gate_mlp_backward_impl);
+  m.impl("gate_mlp", &gate_mlp_cuda);
+  m.impl("gate_mlp_backward", &gate_mlp_backward_cuda);
 }
 
 }  // namespace mixda_fast
