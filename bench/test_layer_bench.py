@@ -29,25 +29,39 @@ def _estimate_s(spec: mb.CaseSpec) -> float:
     n = spec.batch * spec.seq
     ffn = 2 * n * d * ff * (3 if family == "llama" else 2)
     adapters = 2 * n * spec.domains * (ff // 16) * (ff + d)
+    adapters += 2 * n * (ff * 768 + 2 * 768 * 768) if spec.gate == "token" else 0   # the paper's gate MLP
     flops = ffn + adapters if spec.mode == "inference" else 2 * ffn + 3 * adapters
     return flops / _RATE[(spec.dtype, spec.mode)]
 
 
-def _params():
-    out = []
+def _specs():
+    """The sequence-gate grid, then the per-token gate (with its default dropout in training,
+    p = 0.2) on BERT-base, K = 4, against which the sequence gate's groups read as the price of
+    per-token mixing."""
     for shape in mb.SHAPES:
         for dtype in mb.DTYPES:
             for mode in mb.MODES:
                 for k in KS:
                     for b, t in TOKENS:
-                        spec = mb.CaseSpec(shape, dtype, k, b, t, mode)
-                        huge = _estimate_s(spec) > 0.5
-                        for c in mb.CONTENDERS:          # contenders innermost: one case built at a time
-                            marks = [pytest.mark.huge] if huge else []
-                            if c == "compiled" and k != 4:
-                                marks.append(pytest.mark.compile)
-                            out.append(pytest.param(spec, c, marks=marks,
-                                                    id=f"{shape}-{dtype}-K{k}-T{b}x{t}-{mode}-{c}"))
+                        yield mb.CaseSpec(shape, dtype, k, b, t, mode)
+    for dtype in mb.DTYPES:
+        for mode in mb.MODES:
+            for b, t in TOKENS[1:]:
+                yield mb.CaseSpec("bert-base", dtype, 4, b, t, mode, "token",
+                                  gate_dropout=0.2 if mode == "training" else 0.0)
+
+
+def _params():
+    out = []
+    for spec in _specs():
+        huge = _estimate_s(spec) > 0.5
+        gate = "" if spec.gate == "sequence" else f"-{spec.gate}gate"
+        for c in mb.CONTENDERS:                          # contenders innermost: one case built at a time
+            marks = [pytest.mark.huge] if huge else []
+            if c == "compiled" and spec.domains != 4:
+                marks.append(pytest.mark.compile)
+            out.append(pytest.param(spec, c, marks=marks, id=f"{spec.shape}-{spec.dtype}-K{spec.domains}-"
+                                                             f"T{spec.tokens}-{spec.mode}{gate}-{c}"))
     return out
 
 
@@ -59,7 +73,7 @@ def _case(spec: mb.CaseSpec) -> mb.Case:
     if spec not in _cache:
         _cache.clear()
         _cache[spec] = mb.build_case(spec.shape, spec.dtype, spec.domains, spec.batch, spec.seq,
-                                     spec.gate, spec.mode == "training")
+                                     spec.gate, spec.mode == "training", gate_dropout=spec.gate_dropout)
     return _cache[spec]
 
 
@@ -78,7 +92,8 @@ def _restore_backend():
 @pytest.mark.parametrize("spec,contender", _params())
 def test_layer(benchmark, peaks, spec: mb.CaseSpec, contender: str):
     case = _case(spec)
-    benchmark.group = f"{spec.shape}-{spec.dtype}-K{spec.domains}-T{spec.tokens}-{spec.mode}"
+    gate = "" if spec.gate == "sequence" else f"-{spec.gate}gate"
+    benchmark.group = f"{spec.shape}-{spec.dtype}-K{spec.domains}-T{spec.tokens}-{spec.mode}{gate}"
     benchmark.name = case.labels[contender]
     training = spec.mode == "training"
     with torch.enable_grad() if training else torch.inference_mode():

@@ -140,6 +140,22 @@ def test_bad_tokens_argument():
         mb.build_parser().parse_args(["--tokens", "8by128"])
 
 
+def test_gate_dropout_reaches_every_case_and_only_the_gate_trains_with_it(capsys):
+    for argv in ([], ["--train", "--tokens", "2x4"]):
+        specs = mb._specs_from_args(mb.build_parser().parse_args(argv + ["--gate", "token", "--gate-dropout", "0.2"]))
+        assert specs and all(s.gate == "token" and s.gate_dropout == 0.2 for s in specs)
+    for bad in ("1", "-0.1", "lots"):
+        with pytest.raises(SystemExit):
+            mb.build_parser().parse_args(["--gate-dropout", bad])
+        assert "--gate-dropout" in capsys.readouterr().err
+    case = mb.build_case(TINY, "fp32", 2, 2, 4, gate="token", training=True, contenders=("fused",), gate_dropout=0.2)
+    layer = case.layer
+    assert layer.gate.training and not layer.base_layer.training   # dropout on in the gate alone
+    assert layer._fused_gate_params()[2] == 0.2
+    inference = mb.build_case(TINY, "fp32", 2, 2, 4, gate="token", contenders=("fused",), gate_dropout=0.2)
+    assert not inference.layer.gate.training
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("mode", ["inference", "training"])
 def test_gemm_ceiling_counts_the_layers_flops(family, mode):
