@@ -251,7 +251,7 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
     labels = dict(LABELS, fused=fused_label)
     notes = [fused_note] if fused_note and "fused" in contenders else []
     case = Case(CaseSpec(shape, dtype, domains, batch, seq, "training" if training else "inference", gate,
-                         contenders), fns, labels, 0.0, 0.0, 0, 0, notes)
+                         contenders, gate_dropout), fns, labels, 0.0, 0.0, 0, 0, notes)
     for name in contenders:
         if name == "plain":
             fns[name] = step(plain_fwd, "torch", None)
@@ -315,7 +315,7 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
 
     ``cases`` (a list of :class:`CaseSpec`) overrides the grid shapes x dtypes x domains x tokens
     x modes (``modes`` None: "training" if ``training`` else "inference"). Row fields: shape, dtype,
-    K, tokens, mode, gate, contender (key), label, ms, gflops, frac_peak, frac_fp32_peak (16-bit
+    K, tokens, mode, gate, gate_dropout, contender (key), label, ms, gflops, frac_peak, frac_fp32_peak (16-bit
     cases: against the fp32 GEMM, the ceiling when kernels compute in fp32), overhead (t / t plain),
     fused_speedup (t / t fused), floor (t / weight-bytes floor, decode only), compile_s, peak_gflops.
     ``on_case(case)`` runs after each case's timing, inside its grad mode (e.g. to profile it).
@@ -378,7 +378,7 @@ def _rows_of(case: Case, times: dict[str, float], peak: float, peak_n: int = PEA
         flops = case.flops_plain if name == "plain" else case.flops_mixda
         rows.append(dict(
             shape=s.shape, dtype=s.dtype, K=s.domains, tokens=s.tokens, mode=s.mode, gate=s.gate,
-            contender=name, label=case.labels[name], ms=sec * 1e3, gflops=flops / sec / 1e9,
+            gate_dropout=s.gate_dropout, contender=name, label=case.labels[name], ms=sec * 1e3, gflops=flops / sec / 1e9,
             frac_peak=flops / sec / peak, peak_gflops=peak / 1e9, peak_n=peak_n,
             frac_fp32_peak=(flops / sec / peak_fp32 if peak_fp32 and s.dtype != "fp32" else None),
             overhead=sec / t_plain if t_plain else None,

@@ -346,8 +346,8 @@ class MixDAFFN(nn.Module):
         ws = [m.weight for m in mods if type(m) is nn.Linear]
         bs = [m.bias for m in mods if type(m) is nn.Linear]
         ps = {m.p if m.training else 0.0 for m in mods if type(m) is nn.Dropout}
-        if len(ps) != 1 or any(b is None for b in bs):
-            return None
+        if len(ps) != 1 or not 0 <= next(iter(ps)) < 1 or any(b is None for b in bs):
+            return None                                  # (nn.Dropout takes p = 1, the op does not)
         return ws, bs, ps.pop()
 
     def _gate(self, z: torch.Tensor) -> torch.Tensor:

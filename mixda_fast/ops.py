@@ -17,6 +17,7 @@ so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` accept the op
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -79,6 +80,51 @@ def runs_kernels_for(t: Tensor) -> bool:
     return _use_kernel_for(t)
 
 
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype of ``t``'s device when autocast is on there, else None."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors other than float64 (in lists too) to ``dtype``: what autocast does to the
+    inputs of ``nn.Linear``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def _autocast(fn):
+    """Under autocast the ops compute in its dtype, as ``nn.Linear`` does: floating inputs are
+    cast to it and the op runs with autocast off (the kernels' own GEMMs must not be cast again)."""
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs):
+        dtype = _autocast_dtype(first)
+        if dtype is None:
+            return fn(first, *args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*_cast((first, *args), dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
+    return wrapper
+
+
+def _autocast_off(backward):
+    """An autograd backward run with autocast off (a backward called inside an autocast region
+    would otherwise cast the kernels' GEMMs)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        t = next((g for g in grads if isinstance(g, Tensor)), None)
+        if t is None or _autocast_dtype(t) is None:
+            return backward(ctx, *grads)
+        with torch.autocast(t.device.type, enabled=False):
+            return backward(ctx, *grads)
+    return wrapper
+
+
+@_autocast
 def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     """``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``.
 
@@ -90,6 +136,7 @@ def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     return softmax_combine_ref(logits, experts)
 
 
+@_autocast
 def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
            act: int) -> tuple[Tensor, Tensor]:
     """The host FFN's first GEMM with its activation as the epilogue: (h (N, F), pre).
@@ -103,6 +150,7 @@ def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3
     return ffn_in_ref(x, w1, b1, w3, b3, act)
 
 
+@_autocast
 def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: list[Tensor], bdown: list[Tensor],
               wup: list[Tensor], bup: list[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
     """FFN output + K adapters + gate softmax and mix in one op: (y (N, D), p (N, D + K r)).
@@ -121,9 +169,10 @@ def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: lis
 def dropout_seed() -> Tensor:
     """A key for the counter-based dropout masks of ``gate_mlp``: one int64 drawn from torch's
     default CPU generator, so ``torch.manual_seed`` makes the masks reproducible."""
-    return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64)
+    return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64, device="cpu")
 
 
+@_autocast
 def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 0.0,
              seed: Optional[Tensor] = None) -> Tensor:
     """The gate MLP in one op: logits (N, E) of Linear layers with ReLU between them and, with
@@ -224,6 +273,7 @@ if _ext.EXT_AVAILABLE:
         logits, experts = inputs
         ctx.save_for_backward(logits, experts)  # w is recomputed in backward: (R, E) is cheap
 
+    @_autocast_off
     def _softmax_combine_backward(ctx, grad_out: Tensor):
         logits, experts = ctx.saved_tensors
         grad_logits, grad_experts = torch.ops.mixda_fast.softmax_combine_backward.default(
@@ -256,6 +306,7 @@ if _ext.EXT_AVAILABLE:
         ctx.save_for_backward(x, w1, w3, output[1])
         ctx.set_materialize_grads(False)    # pre is for the backward: no zero (N, F) gradient for it
 
+    @_autocast_off
     def _ffn_in_backward(ctx, grad_h: Optional[Tensor], grad_pre: Optional[Tensor]):
         x, w1, w3, pre = ctx.saved_tensors
         if grad_h is None:
@@ -309,6 +360,7 @@ if _ext.EXT_AVAILABLE:
         ctx.save_for_backward(h, z, w2, logits, output[1], *wdown, *wup, *bup)
         ctx.set_materialize_grads(False)    # p is mostly for the backward: no zero gradient for it
 
+    @_autocast_off
     def _mixda_out_backward(ctx, grad_y: Optional[Tensor], grad_p_out: Optional[Tensor]):
         K = ctx.K
         h, z, w2, logits, p, *rest = ctx.saved_tensors
@@ -365,6 +417,9 @@ if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("mixda_fast::gate_mlp")
     def _gate_mlp_fake(z, weights, biases, p=0.0, seed=None):
+        if not 0 <= p < 1 or (p > 0 and seed is None):
+            raise RuntimeError(f"gate_mlp: p (the dropout probability) must be in [0, 1), with a seed when "
+                               f"p > 0; got p = {p}, seed {'None' if seed is None else 'given'}")
         if z.dim() != 2 or len(weights) < 1:
             raise RuntimeError(f"gate_mlp: z must have shape (N, Din) and weights L >= 1 tensors, got "
                                f"{list(z.shape)} and {len(weights)}")
@@ -382,6 +437,7 @@ if _ext.EXT_AVAILABLE:
         ctx.bias_dtypes = [b.dtype for b in biases]
         ctx.save_for_backward(z, seed, *weights, *output[1])
 
+    @_autocast_off
     def _gate_mlp_backward(ctx, grad_logits: Tensor, grad_hidden):
         # hidden is returned for this backward only (ops.gate_mlp drops it): not differentiable
         z, seed, *rest = ctx.saved_tensors

@@ -205,7 +205,7 @@ def gate_mlp_ref(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: floa
         if p == 0:
             return a
         keep = dropout_keep(a.shape, p, key, layer, device=a.device)
-        return torch.where(keep, a.to(_acc_dtype(a.dtype)) * (1.0 / (1.0 - p)), 0).to(a.dtype)
+        return (a.to(_acc_dtype(a.dtype)) * keep * (1.0 / (1.0 - p))).to(a.dtype)   # dropped inf: nan
 
     a, hidden = drop(z, 0), []
     for i, (w, b) in enumerate(zip(weights, biases)):

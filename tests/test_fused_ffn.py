@@ -434,3 +434,54 @@ def test_compile_patched_model_without_graph_breaks(family, gate, name, backend)
     with torch.no_grad():
         got = compiled(**inputs).last_hidden_state
     torch.testing.assert_close(got, _out(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,gate", [("bert", "sequence"), ("llama", "token"), ("gpt2", "token")])
+def test_autocast_runs_the_fused_ops_in_its_dtype(family, gate, monkeypatch):
+    """Under torch.autocast (HF Trainer's bf16=True on CPU) the fused ops compute in bf16 like
+    nn.Linear does: close to the paper form under autocast and to fp32, gradients in fp32."""
+    model = tiny_model(family)
+    mf.patch_model(model, mf.MixDAConfig(num_domains=2, gate=gate))
+    _randomize(model)
+    inputs = batch(family)
+    want = _out(model, inputs)
+    calls = []
+    real = ops.mixda_out
+    monkeypatch.setattr(ops, "mixda_out", lambda *a: calls.append(a[0].dtype) or real(*a))
+    outs = {}
+    for form in ("fused", "paper"):
+        for layer in mf.mixda_modules(model).values():
+            layer.formulation = form
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[form] = _out(model, inputs)
+    assert calls and set(calls) == {torch.bfloat16}           # the fused ops ran, in bf16
+    torch.testing.assert_close(outs["fused"].float(), outs["paper"].float(), rtol=0.1, atol=0.1)
+    torch.testing.assert_close(outs["fused"].float(), want, rtol=0.1, atol=0.1)
+    for layer in mf.mixda_modules(model).values():
+        layer.formulation = "fused"
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**inputs).last_hidden_state.float().pow(2).mean()
+        loss.backward()                                       # inside the region, as some loops do
+    layer = next(iter(mf.mixda_modules(model).values()))
+    for p in (*layer.gate.parameters(), *layer.adapters.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_autocast_compiles_without_graph_breaks():
+    model = tiny_model("bert")
+    mf.patch_model(model, mf.MixDAConfig(num_domains=2, gate="token"))
+    _randomize(model)
+    inputs = batch("bert", B=2, T=6)
+
+    def run(**kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**kw).last_hidden_state
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(run)(**inputs)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, want = torch.compile(run, fullgraph=True)(**inputs), run(**inputs)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

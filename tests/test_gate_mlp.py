@@ -168,6 +168,10 @@ def test_fused_gate_params_need_the_layout_and_one_p():
     layer.gate[0].eval()                                # one dropout off, the others on
     assert layer._fused_gate_params() is None
     layer.gate[0].train()
+    for d in list(layer.gate)[0::3]:
+        d.p = 1.0                                        # nn.Dropout takes p = 1, the op does not
+    assert layer._fused_gate_params() is None
+    layer(torch.randn(2, 3, layer.hidden_size))          # the eager gate runs it
     layer.gate[2] = torch.nn.GELU()                      # not the layout the op computes
     assert layer._fused_gate_params() is None
     model, layer = _token_layer(0.0)
@@ -231,6 +235,55 @@ def test_philox_known_answers():
     assert words((ones,) * 4, (ones, ones)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
     assert words((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == [
         0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@needs_kernels
+def test_non_finite_activations_propagate_as_in_the_reference():
+    """A dropped inf or nan gives nan (times 0, as nn.Dropout), ReLU keeps nan (as torch.relu)."""
+    z, ws, bs = gate_inputs(6, [8, 8, 3])
+    z[0, :4], z[1, :4] = float("inf"), float("nan")
+    ws[0] = torch.eye(8)
+    bs[0][:] = 0
+    key = torch.tensor(5)
+    for p in (0.0, 0.5):
+        got = torch.ops.mixda_fast.gate_mlp.default(z, ws, bs, p, key)
+        want = gate_mlp_ref(z, ws, bs, p, key)
+        torch.testing.assert_close(got[1][0], want[1][0], equal_nan=True)
+        assert got[1][0][:2].isnan().any()
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_dropout_on_two_threads_matches_the_reference(dtype):
+    """Large enough for at::parallel_for to split the dropout passes off tile boundaries. bf16:
+    the kernel's gradients (float32 compute) within twice the error of the bf16 reference
+    against a float64 oracle on the same values (near-zero pre-activations flip ReLU's mask
+    between precisions, so errors are compared, not values)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z, ws, bs = gate_inputs(701, [67, 45, 5], dtype=dtype)
+        key, gy = torch.tensor(2 ** 40 + 3), torch.randn(701, 5, dtype=dtype)
+        grads = []
+        for fn, dt in ((ops.gate_mlp, dtype), (lambda *a: gate_mlp_ref(*a)[0], dtype),
+                       (lambda *a: gate_mlp_ref(*a)[0], torch.float64)):
+            leaves = [t.detach().to(dt).clone().requires_grad_() for t in (z, *ws, *bs)]
+            fn(leaves[0], leaves[1:3], leaves[3:], 0.3, key).backward(gy.to(dt))
+            grads.append([t.grad.double() for t in leaves])
+    finally:
+        torch.set_num_threads(before)
+    for got, ref, oracle in zip(*grads):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        else:
+            assert (got - oracle).norm() <= 2 * (ref - oracle).norm() + 1e-3 * oracle.norm()
+
+
+def test_dropout_seed_is_a_cpu_int64_whatever_the_default_device():
+    with torch.device("meta"):
+        key = ops.dropout_seed()
+    assert key.device.type == "cpu" and key.dtype == torch.int64 and key.numel() == 1
 
 
 @needs_kernels

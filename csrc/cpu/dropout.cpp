@@ -103,8 +103,8 @@ void relu_dropout_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_
     const acc_t* mt = m - 4 * b0;
     for (int64_t e = lo; e < hi; ++e) {
       acc_t v = static_cast<acc_t>(in[e]);
-      if constexpr (relu) v = std::max(v, acc_t(0));
-      out[e] = static_cast<scalar_t>(v * mt[e]);
+      if constexpr (relu) v = std::max(v, acc_t(0));  // NaN stays NaN, as torch.relu
+      out[e] = static_cast<scalar_t>(v * mt[e]);       // a dropped inf or NaN: NaN, as nn.Dropout
     }
   }
 }
@@ -125,7 +125,7 @@ void relu_dropout_cpu(const at::Tensor& in, const at::Tensor& out, bool relu, do
     const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* src = in.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    // Grain in elements, a multiple of one tile so threads split on tile boundaries.
+    // Grain in elements (16 tiles); threads may split anywhere, each starts at its own tile.
     at::parallel_for(0, in.numel(), 16 * 4 * kTile, [&](int64_t begin, int64_t end) {
       if (relu) {
         relu_dropout_range<true>(src, dst, begin, end, threshold, scale, seed, layer);

@@ -32,8 +32,9 @@ __global__ void relu_dropout_kernel(const scalar_t* in, scalar_t* out, int64_t n
       const int64_t e = 4 * b + j;
       if (e >= n) break;
       acc_t v = static_cast<acc_t>(in[e]);
-      if (relu) v = v > acc_t(0) ? v : acc_t(0);
-      out[e] = static_cast<scalar_t>((keep >> j) & 1u ? v * scale : acc_t(0));
+      if (relu) v = v < acc_t(0) ? acc_t(0) : v;  // NaN stays NaN, as torch.relu
+      // times 0 rather than a select: a dropped inf or NaN gives NaN, as nn.Dropout and the CPU kernel
+      out[e] = static_cast<scalar_t>(v * ((keep >> j) & 1u ? scale : acc_t(0)));
     }
   }
 }
