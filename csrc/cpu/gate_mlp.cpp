@@ -48,11 +48,12 @@ uint64_t seed_of(double p, const std::optional<at::Tensor>& seed) {
   return p > 0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
 }
 
-// d_1 = drop_1(z) in the compute dtype ct: a new contiguous tensor.
+// d_1 = drop_1(z) in the compute dtype ct: a new contiguous tensor (in place on the copy when
+// converting z's dtype or layout already made one).
 at::Tensor dropped_input(const at::Tensor& z, at::ScalarType ct, double p, uint64_t seed,
                          ReluDropoutFn drop) {
   const at::Tensor in = as(z, ct).contiguous();
-  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
+  at::Tensor out = in.is_same(z) ? at::empty_like(in, at::MemoryFormat::Contiguous) : in;
   drop(in, out, /*relu=*/false, p, seed, /*layer=*/0);
   return out;
 }
