@@ -51,17 +51,21 @@ def _specs():
                                   gate_dropout=0.2 if mode == "training" else 0.0)
 
 
+def _group(spec: mb.CaseSpec) -> str:
+    """The case's pytest-benchmark group (and the start of its tests' ids)."""
+    gate = "" if spec.gate == "sequence" else f"-{spec.gate}gate"
+    return f"{spec.shape}-{spec.dtype}-K{spec.domains}-T{spec.tokens}-{spec.mode}{gate}"
+
+
 def _params():
     out = []
     for spec in _specs():
         huge = _estimate_s(spec) > 0.5
-        gate = "" if spec.gate == "sequence" else f"-{spec.gate}gate"
         for c in mb.CONTENDERS:                          # contenders innermost: one case built at a time
             marks = [pytest.mark.huge] if huge else []
             if c == "compiled" and spec.domains != 4:
                 marks.append(pytest.mark.compile)
-            out.append(pytest.param(spec, c, marks=marks, id=f"{spec.shape}-{spec.dtype}-K{spec.domains}-"
-                                                             f"T{spec.tokens}-{spec.mode}{gate}-{c}"))
+            out.append(pytest.param(spec, c, marks=marks, id=f"{_group(spec)}-{c}"))
     return out
 
 
@@ -92,8 +96,7 @@ def _restore_backend():
 @pytest.mark.parametrize("spec,contender", _params())
 def test_layer(benchmark, peaks, spec: mb.CaseSpec, contender: str):
     case = _case(spec)
-    gate = "" if spec.gate == "sequence" else f"-{spec.gate}gate"
-    benchmark.group = f"{spec.shape}-{spec.dtype}-K{spec.domains}-T{spec.tokens}-{spec.mode}{gate}"
+    benchmark.group = _group(spec)
     benchmark.name = case.labels[contender]
     training = spec.mode == "training"
     with torch.enable_grad() if training else torch.inference_mode():

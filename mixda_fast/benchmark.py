@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -105,21 +105,26 @@ DEFAULT_CASES = (
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2,
-                        min_time: float = 0.0) -> dict[str, float]:
-    """Median seconds per call of each fn, timing them round-robin so drift hits all alike."""
+                        min_time: float = 0.0, cpu: bool = False) -> dict:
+    """Median seconds per call of each fn, timing them round-robin so drift hits all alike. With
+    ``cpu``, (median wall seconds, median CPU seconds of every thread of this process) per fn."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu_s: dict[str, list[float]] = {k: [] for k in fns}
     start = time.perf_counter()
     r = 0
     while r < reps or time.perf_counter() - start < min_time:
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            wall[k].append(time.perf_counter() - t0)
+            cpu_s[k].append(time.process_time() - c0)
         r += 1
-    return {k: statistics.median(v) for k, v in times.items()}
+    if cpu:
+        return {k: (statistics.median(wall[k]), statistics.median(cpu_s[k])) for k in fns}
+    return {k: statistics.median(v) for k, v in wall.items()}
 
 
 def _peak_gemm(dtype: torch.dtype, n: int = PEAK_N) -> tuple[Callable[[], object], float]:
@@ -299,8 +304,9 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
     return case
 
 
-def _cases_from_grid(shapes, dtypes, domains, tokens, gate, modes, contenders) -> list[CaseSpec]:
-    return [CaseSpec(s, dt, k, b, t, m, gate, tuple(contenders) if contenders else None)
+def _cases_from_grid(shapes, dtypes, domains, tokens, gate, modes, contenders,
+                     gate_dropout: float = 0.0) -> list[CaseSpec]:
+    return [CaseSpec(s, dt, k, b, t, m, gate, tuple(contenders) if contenders else None, gate_dropout)
             for m in modes for s in shapes for dt in dtypes for k in domains for b, t in tokens]
 
 
@@ -685,9 +691,9 @@ def _specs_from_args(args: argparse.Namespace) -> list[CaseSpec]:
                  for s in specs]
         return list(dict.fromkeys(specs))
     default_tokens = [(16, 1), (1, 128)] if args.quick else [(16, 1), (8, 128)]
-    specs = _cases_from_grid(args.shape or ["bert-base"], args.dtype or ["fp32", "bf16"], args.domains or [4],
-                             args.tokens or default_tokens, args.gate, modes or ["inference"], contenders)
-    return [replace(s, gate_dropout=args.gate_dropout) for s in specs]
+    return _cases_from_grid(args.shape or ["bert-base"], args.dtype or ["fp32", "bf16"], args.domains or [4],
+                            args.tokens or default_tokens, args.gate, modes or ["inference"], contenders,
+                            args.gate_dropout)
 
 
 def _load() -> str:

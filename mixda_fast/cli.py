@@ -154,7 +154,7 @@ def _mode_stage1(args: argparse.Namespace) -> int:
         if f:
             load_knowledge(f)
     model, tokenizer, missing = load_lm(args.model)
-    _warn_missing_head(model, missing, args.model, "the experts train against it")
+    _warn_missing_head(model, missing, args.model, " and frozen; the experts train against it")
     extra = {"execution": args.execution} if args.execution else {}
     config = MoDEConfig(num_blocks=args.num_blocks, domains=[args.domain], expert_layers=args.expert_layers,
                         expert_init=args.expert_init, **extra)
@@ -187,7 +187,7 @@ def _mode_stage2(args: argparse.Namespace) -> int:
         if f:
             load_knowledge(f)
     model, tokenizer, missing = load_lm(args.model)
-    _warn_missing_head(model, missing, args.model, "the gates and experts train against it")
+    _warn_missing_head(model, missing, args.model, " and frozen; the gates and experts train against it")
     result = run_mode_stage2(model, tokenizer, args.train, args.output, experts=args.experts,
                              expert_names=args.expert_names, freeze_experts=args.freeze_experts,
                              gate_init=args.gate_init, execution=args.execution, max_length=args.max_length,
@@ -200,11 +200,12 @@ def _mode_stage2(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_missing_head(model, missing, path, consequence: str) -> None:
+def _warn_missing_head(model, missing, path, tail: str) -> None:
+    """Warn when the checkpoint lacks the LM head's weights; ``tail`` says what happens to it."""
     head_missing = [k for k in missing if not k.startswith(model.base_model_prefix + ".")]
     if head_missing:
-        logging.warning("the checkpoint %s has no LM head weights (%s): the head is freshly initialised and frozen; "
-                        "%s", path, ", ".join(head_missing[:4]), consequence)
+        logging.warning("the checkpoint %s has no LM head weights (%s): the head is freshly initialised%s",
+                        path, ", ".join(head_missing[:4]), tail)
 
 
 def _stage1(args: argparse.Namespace) -> int:
@@ -219,12 +220,9 @@ def _stage1(args: argparse.Namespace) -> int:
     knowledge = load_knowledge(args.knowledge)          # validate the data before loading the model
     general = load_texts(args.general) if args.general else None
     model, tokenizer, missing = load_lm(args.model)
-    head_missing = [k for k in missing if not k.startswith(model.base_model_prefix + ".")]
-    if head_missing:
-        logging.warning("the checkpoint %s has no LM head weights (%s): the head is freshly initialised%s",
-                        args.model, ", ".join(head_missing[:4]),
-                        "; --train-lm-head trains it with the adapters" if not args.train_lm_head else
-                        " and trains with the adapters (--train-lm-head)")
+    _warn_missing_head(model, missing, args.model,
+                       "; --train-lm-head trains it with the adapters" if not args.train_lm_head else
+                       " and trains with the adapters (--train-lm-head)")
     from .families import family_of
     from .patching import base_model_of
 

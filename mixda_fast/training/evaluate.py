@@ -31,6 +31,21 @@ def _batches(ds, collator, batch_size):
         yield collator([ds[j] for j in range(i, min(len(ds), i + batch_size))])
 
 
+def _predicted_logits(model: nn.Module, head: Optional[nn.Module], batch: dict, causal: bool):
+    """(logits (N, V) at the N predicted positions, labels (B, T'), sel = labels != -100) of a
+    ``KnowledgeCollator`` batch, shifted by one for causal LMs. With a separate LM ``head`` only
+    the selected rows of the base model's hidden states go through it."""
+    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    if head is not None:
+        out = base_model_of(model)(input_ids=ids, attention_mask=mask)[0]      # (B, T, D)
+    else:
+        out = model(input_ids=ids, attention_mask=mask).logits              # (B, T, V)
+    if causal:
+        out, labels = out[:, :-1], labels[:, 1:]
+    sel = labels != -100
+    return (head(out[sel]) if head is not None else out[sel]), labels, sel
+
+
 @torch.no_grad()
 def fact_exact_match(model: nn.Module, tokenizer, knowledge, *, batch_size: int = 64, max_length: int = 128,
                      causal: Optional[bool] = None) -> dict[str, float]:
@@ -51,19 +66,8 @@ def fact_exact_match(model: nn.Module, tokenizer, knowledge, *, batch_size: int 
     hits, tok_hits, tok_total = 0, 0, 0
     try:
         for batch in _batches(ds, collator, batch_size):
-            labels = batch["labels"]
-            if head is not None:
-                hidden = base_model_of(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-            else:
-                hidden = None
-                logits_all = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            if causal:
-                labels = labels[:, 1:]
-                hidden = hidden[:, :-1] if hidden is not None else None
-                if hidden is None:
-                    logits_all = logits_all[:, :-1]
-            sel = labels != -100
-            pred = (head(hidden[sel]) if hidden is not None else logits_all[sel]).argmax(-1)
+            logits, labels, sel = _predicted_logits(model, head, batch, causal)
+            pred = logits.argmax(-1)
             correct = torch.zeros_like(labels, dtype=torch.bool)
             correct[sel] = pred == labels[sel]
             per_fact = (correct | ~sel).all(-1)

@@ -37,9 +37,10 @@ from ..families import family_of
 from ..mode.config import MoDEConfig
 from ..mode.patching import is_mode_patched, mode_state
 from ..mode.saving import compose_experts, load_experts, save_experts
-from ..patching import base_model_of, is_patched, patch_model
+from ..patching import is_patched, patch_model
 from ..trainable import count_parameters, mark_trainable
 from .data import KnowledgeCollator, encode_knowledge, load_knowledge
+from .evaluate import _batches, _predicted_logits
 from .losses import is_causal_lm, knowledge_loss, lm_head_of
 from .stage1 import RUN_FILE, RUN_FORMAT, load_lm
 from .trainer import MixDATrainer, StepTimer, training_arguments, write_json_atomic
@@ -121,23 +122,15 @@ def lm_metrics(model: nn.Module, tokenizer, data: PathOrData, *, causal: Optiona
     causal = is_causal_lm(model) if causal is None else causal
     ds, _ = _encoded(data, tokenizer, causal, max_length, "lm_metrics")
     collator = KnowledgeCollator(tokenizer, causal, seed=seed)
-    head, base = lm_head_of(model), base_model_of(model)
+    head = lm_head_of(model)
     was_training = model.training
     model.eval()
     total, hits, n = 0.0, 0, 0
     try:
         with _cache_off(model):
-            for i in range(0, len(ds), batch_size):
-                batch = collator([ds[j] for j in range(i, min(len(ds), i + batch_size))])
-                labels = batch["labels"]                                                 # (B, T)
-                if head is not None:
-                    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # (B, T, D)
-                else:
-                    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                if causal:
-                    hidden, labels = hidden[:, :-1], labels[:, 1:]
-                sel = labels != -100
-                logits = (head(hidden[sel]) if head is not None else hidden[sel]).float()   # (N, V)
+            for batch in _batches(ds, collator, batch_size):
+                logits, labels, sel = _predicted_logits(model, head, batch, causal)
+                logits = logits.float()                                                  # (N, V)
                 total += float(F.cross_entropy(logits, labels[sel], reduction="sum"))
                 hits += int((logits.argmax(-1) == labels[sel]).sum())
                 n += int(sel.sum())
