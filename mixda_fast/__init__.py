@@ -14,6 +14,7 @@ from .mode import (MoDEBlock, MoDEConfig, compose_experts, experts_disabled, gat
                    mode_blocks, save_experts)
 from .ops import get_backend, kernels_available, set_backend
 from .patching import adapters_disabled, is_patched, mixda_modules, patch_model, unpatch_model
+from .pretrained import load_patched
 from .saving import AdapterFileNotFoundError, load_adapters, save_adapters
 from .trainable import count_parameters, mark_trainable
 from .training import (add_task_adapters, load_task_adapters, remove_task_adapters, save_task_adapters,
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MixDAConfig", "FamilySpec", "FAMILIES", "register_family", "MixDAFFN",
-    "patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled",
+    "patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled", "load_patched",
     "save_adapters", "load_adapters", "AdapterFileNotFoundError",
     "mark_trainable", "count_parameters",
     "kernels_available", "set_backend", "get_backend", "__version__",

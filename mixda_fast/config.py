@@ -49,9 +49,12 @@ class MixDAConfig:
     adapter_input: str = "intermediate"
     """"intermediate": adapters (and gate) read h = act(W1 x), the paper's code; "hidden": they
     read the FFN input x instead (4x cheaper down-projection)."""
-    gate: str = "sequence"
+    gate: Optional[str] = None
     """"sequence": one softmax per sequence from the last non-padding token (the paper's code);
-    "token": one softmax per token."""
+    "token": one softmax per token. None (default): "token" for causal LMs (GPT-2, Llama,
+    Mistral, Qwen2, BERT as a decoder), "sequence" for encoders, decided by ``patch_model``.
+    A causal LM refuses "sequence": a gate read from the last token lets every position see the
+    tokens after it, and a cached ``generate()`` could not compute it."""
     gate_hidden: int = 768
     """Width of the gate MLP's hidden layers (the released code: 768)."""
     gate_layers: int = 4
@@ -116,6 +119,8 @@ class MixDAConfig:
         for name, choices in (("adapter_input", _ADAPTER_INPUTS), ("gate", _GATES),
                               ("mixing", _MIXINGS), ("adapter_init", _INITS)):
             value = getattr(self, name)
+            if value is None and name == "gate":
+                continue                                 # decided by patch_model from the model
             if value not in choices:
                 _fail(name, value, " | ".join(repr(c) for c in choices),
                       ValueError if isinstance(value, str) else TypeError)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["FamilySpec", "FAMILIES", "register_family", "family_of", "linear_weight"]
+__all__ = ["FamilySpec", "FAMILIES", "register_family", "family_of", "is_causal", "linear_weight"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class FamilySpec:
     attn_out: Optional[str] = None
     """The attention block's output projection, relative to the layer (where a Houlsby task
     adapter goes, :mod:`mixda_fast.training.task_adapters`); None when unknown."""
+    causal: Optional[bool] = None
+    """True for decoder-only families (position t sees tokens <= t), False for encoders; None:
+    decided from transformers' model mappings (:func:`is_causal`)."""
 
     def rel(self, path: str) -> str:
         """``path`` relative to the ffn module; '' when it is outside it."""
@@ -53,11 +56,12 @@ class FamilySpec:
 
 _BERT = FamilySpec(layers="encoder.layer", ffn="intermediate", up="intermediate.dense",
                    act="intermediate.intermediate_act_fn", down="output.dense",
-                   attn_out="attention.output.dense")
+                   attn_out="attention.output.dense", causal=False)
 _GPT2 = FamilySpec(layers="h", ffn="mlp", up="mlp.c_fc", act="mlp.act", down="mlp.c_proj",
-                   post="mlp.dropout", attn_out="attn.c_proj")
+                   post="mlp.dropout", attn_out="attn.c_proj", causal=True)
 _LLAMA = FamilySpec(layers="layers", ffn="mlp", up="mlp.up_proj", act="mlp.act_fn",
-                    down="mlp.down_proj", gate_proj="mlp.gate_proj", attn_out="self_attn.o_proj")
+                    down="mlp.down_proj", gate_proj="mlp.gate_proj", attn_out="self_attn.o_proj",
+                    causal=True)
 
 FAMILIES: dict[str, FamilySpec] = {
     "bert": _BERT,
@@ -94,6 +98,22 @@ def family_of(model: nn.Module) -> tuple[str, FamilySpec]:
             f"'{model_type}', mixda_fast.FamilySpec(layers=..., ffn=..., up=..., act=..., down=...))"
         )
     return model_type, FAMILIES[model_type]
+
+
+def is_causal(model: nn.Module, spec: FamilySpec) -> bool:
+    """Whether position t of the model sees only tokens <= t: ``config.is_decoder`` (BERT as a
+    decoder), else the family's ``causal``, else a family transformers has a causal-LM class for
+    and no masked-LM class."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_decoder", False):
+        return True
+    if spec.causal is not None:
+        return spec.causal
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def linear_weight(module: nn.Module):

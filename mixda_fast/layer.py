@@ -16,12 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .call_state import CallState, StopForward
 from .config import MixDAConfig
 from .families import FamilySpec, linear_weight
 from . import ops
 from .formulations import folded_form, paper_form
 
-__all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "GateContext"]
+__all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "last_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,29 +82,24 @@ class MixDAGate(nn.Sequential):
         mark_hf_initialized(self)
 
 
-class GateContext:
-    """Per-model state shared by every patched layer: the attention mask of the forward call
-    under way, captured by a pre-hook on the base model and cleared after it."""
+@functools.lru_cache(maxsize=64)
+def _warn_unfit_mask(shape: tuple, B: int, T: int) -> None:
+    """Logged once per shape."""
+    logger.warning("mixda_fast: attention mask of shape %s does not fit hidden states (B=%d, T=%d); "
+                   "the sequence gate reads the last position", shape, B, T)
 
-    def __init__(self) -> None:
-        self.mask: Optional[torch.Tensor] = None   # (B, L) with 1 = real token; L >= T with a KV cache
-        self._warned = False
 
-    def last_index(self, B: int, T: int, device) -> Optional[torch.Tensor]:
-        """Index of each sequence's last non-padding token among the current T positions, or
-        None (use position T - 1) when no usable 2-D mask is known."""
-        mask = self.mask
-        if mask is None:
-            return None
-        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T:
-            if not self._warned:
-                logger.warning("mixda_fast: attention mask of shape %s does not fit hidden states "
-                               "(B=%d, T=%d); the sequence gate reads the last position",
-                               tuple(mask.shape), B, T)
-                self._warned = True
-            return None
-        m = mask[:, -T:].to(device=device) != 0                   # (B, T)
-        return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
+def last_index(mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
+    """Index of each sequence's last non-padding token among the current T positions, from the
+    call's (B, L) attention mask (1 = real token; L >= T with a KV cache), or None (use position
+    T - 1) when no usable 2-D mask is known."""
+    if mask is None:
+        return None
+    if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T:
+        _warn_unfit_mask(tuple(mask.shape), B, T)
+        return None
+    m = mask[:, -T:].to(device=device) != 0                   # (B, T)
+    return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
 
 
 class FFNOutputBypass(nn.Module):
@@ -175,20 +171,17 @@ class MixDAFFN(nn.Module):
     FORMULATIONS = ("fused", "folded", "paper")
 
     def __init__(self, base_layer: nn.Module, spec: FamilySpec, config: MixDAConfig,
-                 down_proj: Optional[nn.Module], context: GateContext, layer_index: int):
+                 down_proj: Optional[nn.Module], calls: CallState, layer_index: int):
         super().__init__()
         self.base_layer = base_layer
         # The second projection lives inside base_layer for GPT-2/Llama; for BERT it is moved here.
         self.down_proj = down_proj
         self._spec = spec
-        self._context = context
+        self._calls = calls                  # per-call state: attention mask, old-knowledge captures
         self.layer_index = layer_index
         self.mixda_config = config
         self.formulation = "fused"
         self.adapters_enabled = True
-        # When a list, each forward appends (y, f): the output and the same input's output with
-        # the adapters off (both before the host's post-FFN dropout), for the old-knowledge loss.
-        self.capture: Optional[list] = None
         up_w, _ = linear_weight(self._sub(spec.up))
         down_w, _ = linear_weight(self._down())
         self.hidden_size, self.intermediate_size = down_w.shape[0], down_w.shape[1]
@@ -208,7 +201,6 @@ class MixDAFFN(nn.Module):
             for name in config.domains})
         self.gate = MixDAGate(z_width, config.num_experts, config.gate_hidden, config.gate_layers,
                               config.gate_dropout, **factory)
-        self.pack_adapters()
 
     # -- host parts -------------------------------------------------------------------------
     def _sub(self, path: str) -> nn.Module:
@@ -244,8 +236,6 @@ class MixDAFFN(nn.Module):
     def _fused_forward(self, x: torch.Tensor, host):
         """(y, f), both (B, T, D), through ops.ffn_in and ops.mixda_out."""
         w1, b1, w3, b3, code, w2, b2 = host
-        if not torch.compiler.is_compiling() and not self.adapters_packed(host=True):
-            self.pack_adapters(host=True)            # first fused forward, or a parameter was replaced
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)                                 # (N, d)
         h2, _ = ops.ffn_in(x2, w1, b1, w3, b3, code)             # (N, F)
@@ -290,14 +280,15 @@ class MixDAFFN(nn.Module):
         bias) with the adapters reading h. Their values never change; :meth:`release_host_weights`
         (``unpatch_model`` calls it) gives them storage of their own again.
 
-        In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into the
-        buffer, so it is never stale. A replaced parameter (a new Parameter or module, ``.to()``)
-        is no longer a view of it: the next eager forward packs again before it computes. Under
-        ``torch.compile`` the layer does not repack; the kernel checks the layout on every call
-        and runs the unpacked GEMMs, exactly as correct. Values, Parameter objects (so optimizer
-        state), ``requires_grad`` and flags are kept. Packing swaps the parameters' storage: run
-        one forward before sharing a model between threads. Returns whether the parameters are
-        packed (never for inference tensors, e.g. a model patched under ``torch.inference_mode``)."""
+        ``patch_model`` packs (:meth:`pack_for_forward`), and so does ``.to()`` / ``.half()``
+        (``_apply``); the forward never does, so a patched model can serve several threads at
+        once. In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into
+        the buffer, so it is never stale. A parameter replaced otherwise (a new Parameter or
+        module, ``load_state_dict(assign=True)``) is no longer a view of it: the kernel checks the
+        layout on every call and runs the unpacked GEMMs, exactly as correct (call
+        :meth:`pack_for_forward` to pack again). Values, Parameter objects (so optimizer state),
+        ``requires_grad`` and flags are kept. Returns whether the parameters are packed (never for
+        inference tensors, e.g. a model patched under ``torch.inference_mode``)."""
         ws, bs = self._pack_members(host)
         if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
             return False
@@ -311,6 +302,16 @@ class MixDAFFN(nn.Module):
                     p.data = flat[start:start + p.shape[0]]
                     start += p.shape[0]
         return True
+
+    def pack_for_forward(self) -> bool:
+        """:meth:`pack_adapters` with the host's W2 and b2 when the fused forward computes this
+        host (``_fused_host``), without them otherwise."""
+        return self.pack_adapters(host=self._fused_host() is not None)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)          # .to() / .half() / .cuda() replace the parameters' storage
+        self.pack_for_forward()
+        return self
 
     @torch.no_grad()
     def release_host_weights(self) -> None:
@@ -365,7 +366,8 @@ class MixDAFFN(nn.Module):
         if self.mixda_config.gate == "token":
             return self._gate(z)
         B, T = z.shape[:2]
-        idx = None if self.mixda_config.paper_gate_bug else self._context.last_index(B, T, z.device)
+        frame = None if self.mixda_config.paper_gate_bug else self._calls.current(strict=True)
+        idx = None if frame is None else last_index(frame.mask, B, T, z.device)
         zl = z[:, -1] if idx is None else z[torch.arange(B, device=z.device), idx]   # (B, Din)
         return self._gate(zl)
 
@@ -380,38 +382,41 @@ class MixDAFFN(nn.Module):
         squeeze = x.dim() == 2                                   # (T, D) inputs from odd callers
         if squeeze:
             x = x.unsqueeze(0)
+        y = self._post(self._output(x))
+        return y.squeeze(0) if squeeze else y
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """y (B, T, D) before the host's post-FFN module. When the call collects the
+        old-knowledge pairs (:class:`~mixda_fast.call_state.Frame`), (y, f) is appended: the output
+        and the same input's output with the adapters off."""
         if x.shape[0] == 0 or x.shape[1] == 0:                   # no tokens: nothing for a gate to read
             y = self._down()(self.host_intermediate(x))
-            if self.capture is not None and self.adapters_enabled:
-                self.capture.append((y, y))
-            y = self._post(y)
-            return y.squeeze(0) if squeeze else y
+            return self._collect(y, y if self.adapters_enabled else None)
         host = self._fused_host() if self.adapters_enabled and self.formulation == "fused" else None
         if host is not None:
-            y, f = self._fused_forward(x, host)
-            if self.capture is not None:
-                self.capture.append((y, f))
-            y = self._post(y)
-            return y.squeeze(0) if squeeze else y
+            return self._collect(*self._fused_forward(x, host))
         h = self.host_intermediate(x)                            # (B, T, F)
         down = self._down()
         if not self.adapters_enabled:
-            y = down(h)
-        else:
-            z = h if self.mixda_config.adapter_input == "intermediate" else x
-            logits = self.gate_logits(z)
-            params = self.stacked_adapter_params()
-            mixing = self.mixda_config.mixing
-            if self.formulation == "paper":
-                f = down(h)
-                y = paper_form(z, f, *params, logits, mixing)
-            else:
-                w2, b2 = linear_weight(down)
-                y, f = folded_form(z, h, w2, b2, *params, logits, mixing, return_f=True)
-            if self.capture is not None:
-                self.capture.append((y, f))
-        y = self._post(y)
-        return y.squeeze(0) if squeeze else y
+            return self._collect(down(h), None)
+        z = h if self.mixda_config.adapter_input == "intermediate" else x
+        logits = self.gate_logits(z)
+        params = self.stacked_adapter_params()
+        mixing = self.mixda_config.mixing
+        if self.formulation == "paper":
+            f = down(h)
+            return self._collect(paper_form(z, f, *params, logits, mixing), f)
+        w2, b2 = linear_weight(down)
+        return self._collect(*folded_form(z, h, w2, b2, *params, logits, mixing, return_f=True))
+
+    def _collect(self, y: torch.Tensor, f: Optional[torch.Tensor]) -> torch.Tensor:
+        frame = self._calls.current()
+        if frame is not None and frame.captures is not None:
+            if f is not None:
+                frame.captures.append((y, f))
+            if frame.stop_after == self.layer_index:
+                raise StopForward                      # nothing above this layer is needed
+        return y
 
     def extra_repr(self) -> str:
         c = self.mixda_config

@@ -10,16 +10,18 @@ fails is rolled back.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 
+from .call_state import CallState
 from .config import MixDAConfig
-from .families import FamilySpec, family_of
-from .layer import FFNOutputBypass, GateContext, MixDAFFN
+from .families import FamilySpec, family_of, is_causal
+from .layer import FFNOutputBypass, MixDAFFN
+from .pretrained import record_patch, register_name_hooks
 
 __all__ = ["patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled",
            "base_model_of"]
@@ -33,7 +35,7 @@ class _PatchState:
     model_type: str
     spec: FamilySpec
     layers: list[int]
-    context: GateContext
+    calls: CallState
     # (parent module, attribute name, original module) for every swap, in order
     swaps: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
@@ -84,28 +86,19 @@ def _split_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent) if parent else root), name
 
 
-class _MaskCapture:
-    """Forward hooks of the base model that hand ``attention_mask`` (positional or keyword) to
-    the patched layers for the duration of one forward. Objects, not closures, so that
-    ``copy.deepcopy(model)`` gives the copy hooks that feed the copy's own context."""
-
-    def __init__(self, base: nn.Module, context: GateContext):
-        self.context = context
-        params = list(inspect.signature(base.forward).parameters)
-        self.position = params.index("attention_mask") if "attention_mask" in params else None
-
-    def pre(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and self.position is not None and len(args) > self.position:
-            mask = args[self.position]
-        self.context.mask = mask if isinstance(mask, torch.Tensor) else None
-
-    def post(self, module, args, kwargs, output):
-        self.context.mask = None
-
-    def register(self, base: nn.Module) -> list:
-        return [base.register_forward_pre_hook(self.pre, with_kwargs=True),
-                base.register_forward_hook(self.post, with_kwargs=True, always_call=True)]
+def _resolved(config: MixDAConfig, model: nn.Module, spec: FamilySpec, model_type: str) -> MixDAConfig:
+    """A copy of ``config`` with ``gate`` decided for this model: "token" for causal LMs,
+    "sequence" for encoders. "sequence" on a causal LM is refused: the gate reads the sequence's
+    last token, so every position would see the tokens after it."""
+    causal = is_causal(model, spec)
+    if config.gate == "sequence" and causal:
+        raise ValueError(
+            f"MixDAConfig.gate='sequence' is not accepted for model_type={model_type!r}, a causal LM: the "
+            "sequence gate reads the last token, so every position would see later tokens; expected "
+            "gate='token' (or None, which picks it)")
+    if config.gate is not None:
+        return dataclasses.replace(config)
+    return dataclasses.replace(config, gate="token" if causal else "sequence")
 
 
 def patch_model(model: nn.Module, config) -> nn.Module:
@@ -140,7 +133,8 @@ def patch_model(model: nn.Module, config) -> nn.Module:
         raise ValueError(f"patch_model: family {model_type!r} expects the layers at "
                          f"base_model.{spec.layers}, which this model does not have ({e})") from None
     layers = _resolve_layers(config.layers, len(layer_list))
-    context = GateContext()
+    config = _resolved(config, model, spec, model_type)
+    calls = CallState(base, layer_list)
 
     # Build everything first: nothing in the model changes until every module exists.
     plans = []
@@ -154,11 +148,11 @@ def patch_model(model: nn.Module, config) -> nn.Module:
         if not spec.rel(spec.down):
             down_parent, down_name = _split_parent(layer, spec.down)
             moved = (down_parent, down_name, getattr(down_parent, down_name))
-        new = MixDAFFN(base_ffn, spec, config, moved[2] if moved else None, context, i)
+        new = MixDAFFN(base_ffn, spec, config, moved[2] if moved else None, calls, i)
         new.train(base_ffn.training)     # a model patched in eval mode stays in eval mode
         plans.append((ffn_parent, ffn_name, base_ffn, new, moved))
 
-    state = _PatchState(config=config, model_type=model_type, spec=spec, layers=layers, context=context)
+    state = _PatchState(config=config, model_type=model_type, spec=spec, layers=layers, calls=calls)
     try:
         for ffn_parent, ffn_name, base_ffn, new, moved in plans:
             setattr(ffn_parent, ffn_name, new)
@@ -166,16 +160,22 @@ def patch_model(model: nn.Module, config) -> nn.Module:
             if moved:
                 setattr(moved[0], moved[1], FFNOutputBypass())
                 state.swaps.append(moved)
-        state.hooks = _MaskCapture(base, context).register(base)
+        state.hooks = calls.register(base)
+        state.hooks += register_name_hooks([layer_list[i] for i in layers], spec)
+        for _, _, _, new, _ in plans:
+            new.pack_for_forward()       # now, not in a forward: threads may share the model
+        state.hooks.append(record_patch(model, "mixda", config.to_dict()))
         setattr(model, _STATE, state)
     except BaseException:
         _undo(state)
+        for _, _, _, new, _ in plans:
+            new.release_host_weights()
         raise
     return model
 
 
 def _undo(state: _PatchState) -> None:
-    for handle in state.hooks:
+    for handle in reversed(state.hooks):
         handle.remove()
     for parent, name, original in reversed(state.swaps):
         setattr(parent, name, original)

@@ -150,7 +150,7 @@ def _addmm_calls(layer, x) -> int:
 
 
 @pytest.mark.skipif(not ops.kernels_available(), reason="no compiled kernels")
-def test_packed_adapters_repack_after_a_parameter_is_replaced():
+def test_a_replaced_parameter_runs_unpacked_until_packed_again():
     model, layer = _layer(family="bert")
     K = len(layer.adapters)
     x = torch.randn(2, 5, layer.hidden_size)
@@ -163,8 +163,10 @@ def test_packed_adapters_repack_after_a_parameter_is_replaced():
     assert not layer.adapters_packed()
     want = _paper(layer, x)
     torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
-    assert layer.adapters_packed()                            # that forward packed again
-    assert _addmm_calls(layer, x) == packed_calls
+    assert not layer.adapters_packed()                        # a forward never repacks (threads share it)
+    assert _addmm_calls(layer, x) > packed_calls
+    assert layer.pack_for_forward()
+    assert layer.adapters_packed() and _addmm_calls(layer, x) == packed_calls
     torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
 
 
@@ -221,8 +223,8 @@ def test_gradients_with_packed_adapters_match_the_paper_form(domain):
         assert layer.adapters_packed()
         layer.formulation = formulation
         x = torch.randn(2, 5, layer.hidden_size, requires_grad=True)
+        assert layer.adapters_packed(host=True)                  # packed at patch time: grad h is one GEMM
         layer(x).square().sum().backward()
-        assert layer.adapters_packed(host=True) == (formulation == "fused")   # grad h: one GEMM
         grads[formulation] = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
         grads[formulation]["x"] = x.grad
     assert grads["fused"].keys() == grads["paper"].keys()
@@ -230,10 +232,10 @@ def test_gradients_with_packed_adapters_match_the_paper_form(domain):
         torch.testing.assert_close(grads["fused"][name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_repacking_in_inference_mode_leaves_trainable_parameters():
+def test_to_repacks_and_inference_mode_leaves_trainable_parameters():
     model, layer = _layer()
-    model.to(torch.float64).to(torch.float32)                 # .to() replaces every parameter
-    assert not layer.adapters_packed()
+    model.to(torch.float64).to(torch.float32)                 # .to() replaces every parameter and repacks
+    assert layer.adapters_packed(host=layer._fused_host() is not None)
     x = torch.randn(2, 5, layer.hidden_size)
     with torch.inference_mode():
         layer(x)
@@ -250,26 +252,24 @@ def _storage_is_own(p) -> bool:
 
 
 @pytest.mark.skipif(not ops.kernels_available(), reason="no compiled kernels")
-def test_host_w2_packed_on_first_forward_and_released_by_unpatch():
+def test_host_w2_packed_at_patch_time_and_released_by_unpatch():
     model = tiny_model("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, adapter_init="normal", gate_dropout=0.0))
     layer = mf.mixda_modules(model)[0]
     down = layer._down()
     w2, b2 = down.weight.detach().clone(), down.bias.detach().clone()
-    assert layer.adapters_packed() and not layer.adapters_packed(host=True)   # patching leaves the host alone
-    assert _storage_is_own(down.weight)
+    assert layer.adapters_packed(host=True) and not _storage_is_own(down.weight)   # W2 packed by the patch
     x = torch.randn(2, 5, layer.hidden_size)
     want = _paper(layer, x)
     torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
-    assert layer.adapters_packed(host=True)                                  # the fused forward packed W2
     flat = ops.packed_rows(layer._pack_members(host=True)[0])
     assert flat.shape == (layer.hidden_size + 2 * layer.bottleneck, layer.intermediate_size)
     assert torch.equal(down.weight, w2) and torch.equal(down.bias, b2)       # values never change
     layer.release_host_weights()                                             # what unpatch_model does
     assert not layer.adapters_packed(host=True) and layer.adapters_packed() and _storage_is_own(down.weight)
-    torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)
-    assert layer.adapters_packed(host=True)                                  # packed again
+    torch.testing.assert_close(_fused(layer, x, "no_grad"), want, rtol=1e-5, atol=1e-5)   # unpacked: exact
+    assert layer.pack_for_forward() and layer.adapters_packed(host=True)     # packed again
     mf.unpatch_model(model)
     assert _storage_is_own(down.weight) and _storage_is_own(down.bias)
     after = model.state_dict()

@@ -7,8 +7,9 @@ import torch
 import transformers as tf
 
 import mixda_fast as mf
+from mixda_fast.call_state import Frame
 from mixda_fast.layer import MixDAFFN
-from tiny_models import DECODERS, FAMILIES, batch, minilm_path, tiny_model
+from tiny_models import DECODERS, ENCODERS, FAMILIES, batch, minilm_path, tiny_model
 
 
 def _out(model, inputs):
@@ -59,8 +60,7 @@ def test_unpatch_restores_exactly(family):
     assert torch.equal(_out(model, inputs), before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("gate", ["sequence", "token"])
+@pytest.mark.parametrize("family,gate", [(f, "token") for f in FAMILIES] + [(f, "sequence") for f in ENCODERS])
 def test_paper_mixing_matches_the_formula_written_out(family, gate):
     """A patched layer's output against a per-row loop of y = g_{K+1} f + sum_k g_k a_k in float64."""
     model = tiny_model(family).double()
@@ -112,7 +112,7 @@ def _gate_outputs(model, inputs):
     return seen, out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ENCODERS)
 def test_sequence_gate_reads_last_real_token_alone_or_padded(family):
     model = tiny_model(family)
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, adapter_init="normal"))
@@ -143,9 +143,7 @@ def test_sequence_gate_input_position(bug):
     x = torch.randn(3, 5, layer.hidden_size)
     h = layer.host_intermediate(x)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0]])
-    layer._context.mask = mask
-    layer(x)
-    layer._context.mask = None
+    layer._calls.run_in(Frame(mask), layer, x)
     layer(x)
     assert torch.equal(seen[0], h[:, -1] if bug else h[[0, 1, 2], [2, 4, 3]])
     assert torch.equal(seen[1], h[:, -1])
@@ -234,16 +232,31 @@ def test_save_load_round_trip(tmp_path, family):
 
 
 @pytest.mark.parametrize("formulation", ["folded", "paper"])
-@pytest.mark.parametrize("gate", ["sequence", "token"])
-def test_compile_fullgraph_over_a_patched_layer(formulation, gate):
+def test_compile_fullgraph_over_a_patched_layer(formulation):
     model = tiny_model("llama")
-    mf.patch_model(model, mf.MixDAConfig(num_domains=3, gate=gate, adapter_init="normal"))
+    mf.patch_model(model, mf.MixDAConfig(num_domains=3, adapter_init="normal"))
     layer = mf.mixda_modules(model)[1]
     layer.formulation = formulation
     x = torch.randn(2, 7, layer.hidden_size)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["folded", "paper"])
+def test_sequence_gate_layer_compiled_alone_reads_its_calls_mask(formulation):
+    """A layer compiled on its own (the base model's hooks not traced) reads the mask of the
+    eager call it runs in (a graph break), not position -1."""
+    model = mf.patch_model(tiny_model("bert"), mf.MixDAConfig(num_domains=3, adapter_init="normal"))
+    layer = mf.mixda_modules(model)[1]
+    layer.formulation = formulation
+    x = torch.randn(3, 5, layer.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    eager = layer._calls.run_in(Frame(mask), layer, x)
+    torch.testing.assert_close(layer._calls.run_in(Frame(mask), compiled, x), eager, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(layer(x), eager)           # the mask changes the answer
 
 
 def test_real_minilm_checkpoint():

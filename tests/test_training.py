@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mixda_fast as mf
+from mixda_fast.patching import patch_state
 from mixda_fast.training import losses
 from mixda_fast.training.data import KnowledgeCollator, encode_knowledge, load_knowledge
 from mixda_fast.training.evaluate import evaluate_task, fact_exact_match
@@ -52,11 +53,8 @@ def test_old_loss_excludes_padding_and_matches_a_full_forward():
     wrapper = losses.Stage1Model(model).eval()
     early = wrapper.old_loss(inputs["input_ids"], inputs["attention_mask"])
     caps = []                                   # the same loss from a full forward
-    for m in mf.mixda_modules(model).values():
-        m.capture = caps
-    model(**inputs)
-    for m in mf.mixda_modules(model).values():
-        m.capture = None
+    with patch_state(model).calls.collecting(caps):
+        model(**inputs)
     torch.testing.assert_close(early, losses.old_knowledge_loss(caps, inputs["attention_mask"]))
     y, f = caps[0]
     y2 = y.clone()
@@ -167,7 +165,7 @@ def test_stage2_end_to_end_and_rebuilt_from_its_folder(tmp_path, family):
                                mf.mixda_modules(lm)[1].adapters["colors"].up.weight)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     res = run_stage2(model, tok, task, tmp_path / "s2", eval_data=task, k_shot=4, seed=0,
-                     training_args=dict(num_train_epochs=15 if family == "gpt2" else 2, learning_rate=1e-2,
+                     training_args=dict(num_train_epochs=25 if family == "gpt2" else 2, learning_rate=1e-2,
                                         **QUIET),
                      base_model_path=str(base), domain_runs=[tmp_path / "s1"])
     logs = [h["loss"] for h in res.log_history if "loss" in h]

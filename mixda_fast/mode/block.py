@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..call_state import CallState
 from ..families import FamilySpec, linear_weight
 
 __all__ = ["MoDEBlock", "BATCHED_TAILS"]
@@ -137,7 +138,7 @@ class MoDEBlock(nn.Module):
 
     def __init__(self, index: int, start: int, stop: int, experts: dict[str, list[nn.Module]],
                  hidden_size: int, spec: FamilySpec, model_type: str, execution: str, slot_base: int,
-                 gate_std: float, device=None, dtype=None):
+                 gate_std: float, calls: CallState, device=None, dtype=None):
         super().__init__()
         self.index, self.start, self.stop = index, start, stop
         self.experts = nn.ModuleDict({name: nn.ModuleList(layers) for name, layers in experts.items()})
@@ -153,7 +154,7 @@ class MoDEBlock(nn.Module):
         self._spec = spec
         self._model_type = model_type
         self._slot_base = slot_base
-        self._inputs: Optional[tuple] = None   # (args, kwargs) of the block's first backbone layer
+        self._calls = calls                    # per-call state: the block input between the two hooks
         self._stacked: dict[int, tuple] = {}   # depth -> (key, stacked weights), inference only
         self._warned_loop = False
 
@@ -182,8 +183,10 @@ class MoDEBlock(nn.Module):
     # ---- called by the patch's hooks ---------------------------------------------------------
 
     def prepare(self, args: tuple, kwargs: dict) -> None:
-        """Entry hook: remember the block input and the layer arguments; make the cache slots."""
-        self._inputs = (args, kwargs)
+        """Entry hook: remember the block input and the layer arguments (in the call's frame,
+        so concurrent calls never mix) and make the cache slots."""
+        if self.enabled:
+            self._frame("prepare").blocks[self.index] = (args, kwargs)
         cache = _find_cache(args, kwargs)
         if cache is not None:
             self._ensure_slots(cache)
@@ -209,9 +212,9 @@ class MoDEBlock(nn.Module):
     def mix(self, output):
         """Exit hook: ``output`` is the backbone's output of the block's last layer (tensor or
         tuple); returns it with the hidden states replaced by the gated mixture."""
-        inputs, self._inputs = self._inputs, None
         if not self.enabled:
             return output
+        inputs = self._frame("mix").blocks.pop(self.index, None)
         if inputs is None:
             raise RuntimeError(f"MoDE block {self.index}: the exit hook ran without the entry hook "
                                f"(was layer {self.start} skipped?)")
@@ -231,6 +234,13 @@ class MoDEBlock(nn.Module):
         if isinstance(output, tuple):
             return (y,) + tuple(output[1:])
         return y
+
+    def _frame(self, hook: str):
+        frame = self._calls.current(strict=True)
+        if frame is None:
+            raise RuntimeError(f"MoDE block {self.index}: its {hook} hook ran outside a forward call of the "
+                               "patched model's base model (layers called on their own cannot be mixed)")
+        return frame
 
     # ---- gate --------------------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 
+from ..call_state import CallState
 from ..families import FamilySpec, family_of, linear_weight
+from ..pretrained import record_patch
 from .block import MoDEBlock
 from .config import MoDEConfig
 
@@ -165,6 +167,7 @@ def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
     ref = next(first.parameters())
     std = float(getattr(base.config, "initializer_range", None) or 0.02)
 
+    calls = CallState(base, layer_list)
     blocks = []
     for i in range(B):
         start, stop = i * n, (i + 1) * n
@@ -187,7 +190,7 @@ def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
                 layers.append(layer)
             experts[name] = layers
         block = MoDEBlock(i, start, stop, experts, hidden, spec, model_type, config.execution,
-                          slot_base=L + i * N * Le, gate_std=std, device=ref.device, dtype=ref.dtype)
+                          slot_base=L + i * N * Le, gate_std=std, calls=calls, device=ref.device, dtype=ref.dtype)
         block.train(first.training)
         blocks.append(block)
 
@@ -199,6 +202,8 @@ def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
             state.hooks.append(layer_list[block.start].register_forward_pre_hook(_Entry(block), with_kwargs=True))
             state.hooks.append(layer_list[block.stop - 1].register_forward_hook(
                 _Exit(block), with_kwargs=True, prepend=True))
+        state.hooks += calls.register(base)
+        state.hooks.append(record_patch(model, "mode", config.to_dict()))
         setattr(model, _STATE, state)
     except BaseException:
         _undo(model, state)
@@ -207,7 +212,7 @@ def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
 
 
 def _undo(model: nn.Module, state: MoDEPatchState) -> None:
-    for handle in state.hooks:
+    for handle in reversed(state.hooks):
         handle.remove()
     state.hooks.clear()
     base = _base(model)

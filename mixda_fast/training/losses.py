@@ -6,7 +6,8 @@
   the model's own ``loss`` (a test checks it).
 - ``old_knowledge_loss``: mean-squared error between each patched layer's output y and the same
   layer's output with its adapters switched off, f (detached), over non-padding tokens, averaged
-  over layers. Both come from one forward through :attr:`MixDAFFN.capture` (f is computed anyway).
+  over layers. Both come from one forward that collects each patched layer's (y, f) pairs
+  (``CallState.collecting``; f is computed anyway).
   The released code compared a tensor with itself, so its L_old was always 0.
 - ``Stage1Model``: the HF model plus both losses in one ``forward``, so that ``Trainer`` (and the
   DDP wrapper accelerate puts around it) sees one module and one forward per step.
@@ -20,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..patching import base_model_of, is_patched, mixda_modules
+from ..call_state import StopForward
+from ..patching import base_model_of, is_patched, patch_state
 
 __all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "Stage1Model", "is_causal_lm"]
 
@@ -90,14 +92,6 @@ def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor]) -
     return total / len(captures)
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _stop(module, args, output):
-    raise _StopForward
-
-
 class Stage1Model(nn.Module):
     """Wraps a patched (masked or causal) LM for stage 1; ``forward`` returns
     ``{"loss_knowledge", "loss_old"}`` and ``Trainer.compute_loss`` weighs them.
@@ -121,18 +115,11 @@ class Stage1Model(nn.Module):
         if not is_patched(self.model):
             raise ValueError("Stage1Model: L_old needs a patched model (mixda_fast.patch_model); this one is not, "
                              "so pass no general text (old_input_ids)")
-        mods = mixda_modules(self.model)
-        last = mods[max(mods)]
+        state = patch_state(self.model)
         captures: list = []
-        for m in mods.values():
-            m.capture = captures
-        handle = last.register_forward_hook(_stop)
-        try:
-            base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-            for m in mods.values():
-                m.capture = None
+        with state.calls.collecting(captures, stop_after=max(state.layers)):
+            try:
+                base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask)
+            except StopForward:
+                pass
         return old_knowledge_loss(captures, attention_mask)
