@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from typing import Any, Iterator, Optional
 
 import torch
@@ -86,6 +87,16 @@ def _output_capture_paused() -> Iterator[None]:
             _active_collector.reset(token)
         else:  # under torch.compile the collector is a plain global
             _active_collector.set(previous)
+
+
+_EXPERTS_LOCK = threading.RLock()
+
+
+def _experts_lock():
+    """The batched path swaps expert layers' ``forward`` for the length of a call
+    (``_forward_replaced``); experts run under one lock, so a concurrent call (another thread)
+    never runs a layer with another call's swap. Not under torch.compile, which never swaps."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _EXPERTS_LOCK
 
 
 class _SlotCache:
@@ -221,7 +232,7 @@ class MoDEBlock(nn.Module):
         args, kwargs = inputs
         backbone = _first(output)                                        # (B, T, D)
         x = args[0] if args else kwargs["hidden_states"]                 # (B, T, D)
-        with _output_capture_paused():
+        with _output_capture_paused(), _experts_lock():
             if self.execution in ("batched", "auto"):
                 if self._batched_ok():
                     experts = self._experts_batched(x, args, kwargs)     # (N, B, T, D)
