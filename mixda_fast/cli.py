@@ -73,6 +73,8 @@ def _trainer_overrides(args: argparse.Namespace) -> dict:
               logging_steps=args.logging_steps, disable_tqdm=args.no_progress)
     if args.max_steps:
         kw["max_steps"] = args.max_steps
+    if args.gradient_checkpointing:
+        kw["gradient_checkpointing"] = True
     if args.save_steps:
         kw.update(save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit)
     elif args.save_epochs:
@@ -93,7 +95,7 @@ METHODS = ("mixda", "mode")
 _ONLY = {
     ("stage1", "mixda"): [
         ("--general", "general", None), ("--layers", "layers", None), ("--reduction-factor", "reduction_factor", 16),
-        ("--adapter-input", "adapter_input", "intermediate"), ("--gate", "gate", "sequence"),
+        ("--adapter-input", "adapter_input", "intermediate"), ("--gate", "gate", None),
         ("--mixing", "mixing", "paper"), ("--gate-hidden", "gate_hidden", 768), ("--gate-layers", "gate_layers", 4),
         ("--gate-dropout", "gate_dropout", 0.2), ("--freeze-gate", "freeze_gate", False),
         ("--train-lm-head", "train_lm_head", False), ("--lambda", "knowledge_weight", 0.5),
@@ -342,6 +344,9 @@ def _add_train_options(p: argparse.ArgumentParser, command: str) -> None:
     t.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (default 2)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the newest checkpoint-* in --output when no value is given")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward instead of storing them (less memory, "
+                        "about a third more compute; gradients are exact)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     t.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None, help="mixda_fast op backend")
@@ -411,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter-input", choices=["intermediate", "hidden"],
                    help=f"what the adapters read (default {D1('adapter_input')})")
     m.add_argument("--gate", choices=["sequence", "token"],
-                   help=f"one gate softmax per sequence (last real token) or per token (default {D1('gate')})")
+                   help="one gate softmax per sequence (last real token; encoders only) or per token (default: "
+                        "token for causal LMs, sequence for encoders)")
     m.add_argument("--mixing", choices=["paper", "residual"],
                    help="paper: y = g_{K+1} f + sum g_k a_k; residual: y = f + sum g_k a_k "
                         f"(default {D1('mixing')})")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..call_state import StopForward
 from ..patching import base_model_of, is_patched, patch_state
 
-__all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "Stage1Model", "is_causal_lm"]
+__all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "ModelObjective", "Stage1Model", "is_causal_lm"]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -92,18 +92,36 @@ def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor]) -
     return total / len(captures)
 
 
-class Stage1Model(nn.Module):
+class ModelObjective(nn.Module):
+    """A model and its training objective as one module for ``Trainer`` (which calls
+    ``forward`` for the loss). Activation checkpointing (``TrainingArguments(
+    gradient_checkpointing=True)``, the CLI's ``--gradient-checkpointing``) is the wrapped
+    model's: ``Trainer`` asks this module for it."""
+
+    def __init__(self, model: nn.Module, causal: Optional[bool] = None):
+        super().__init__()
+        self.model = model
+        self.causal = is_causal_lm(model) if causal is None else causal
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                   **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.model.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_activation_checkpointing", False))
+
+
+class Stage1Model(ModelObjective):
     """Wraps a patched (masked or causal) LM for stage 1; ``forward`` returns
     ``{"loss_knowledge", "loss_old"}`` and ``Trainer.compute_loss`` weighs them.
 
     The general-text pass for L_old stops right after the last patched layer: nothing above it
     changes L_old, so the remaining layers are not run (same loss, less work). An unpatched model
     (the LoRA and full fine-tuning baselines of the demo) gets L_knowledge only."""
-
-    def __init__(self, model: nn.Module, causal: Optional[bool] = None):
-        super().__init__()
-        self.model = model
-        self.causal = is_causal_lm(model) if causal is None else causal
 
     def forward(self, input_ids, attention_mask, labels, old_input_ids=None, old_attention_mask=None):
         lk = knowledge_loss(self.model, input_ids, attention_mask, labels, self.causal)

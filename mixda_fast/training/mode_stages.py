@@ -41,7 +41,7 @@ from ..patching import is_patched, patch_model
 from ..trainable import count_parameters, mark_trainable
 from .data import KnowledgeCollator, encode_knowledge, load_knowledge
 from .evaluate import _batches, _predicted_logits
-from .losses import is_causal_lm, knowledge_loss, lm_head_of
+from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
 from .stage1 import RUN_FILE, RUN_FORMAT, load_lm
 from .trainer import MixDATrainer, StepTimer, training_arguments, write_json_atomic
 
@@ -55,15 +55,10 @@ EXPERTS_FILE = "mode_experts.safetensors"
 PathOrData = Union[str, os.PathLike, Any]
 
 
-class LMObjective(nn.Module):
+class LMObjective(ModelObjective):
     """The LM loss of a (masked or causal) LM as one module for ``Trainer``: ``forward`` returns
     ``{"loss": ...}``, the cross-entropy over the positions whose label is not -100, with the
     LM head run on those positions only (:func:`~mixda_fast.training.losses.knowledge_loss`)."""
-
-    def __init__(self, model: nn.Module, causal: Optional[bool] = None):
-        super().__init__()
-        self.model = model
-        self.causal = is_causal_lm(model) if causal is None else causal
 
     def forward(self, input_ids, attention_mask, labels):
         return {"loss": knowledge_loss(self.model, input_ids, attention_mask, labels, self.causal)}
