@@ -29,15 +29,15 @@ def _estimate_s(spec: mb.CaseSpec) -> float:
     n = spec.batch * spec.seq
     ffn = 2 * n * d * ff * (3 if family == "llama" else 2)
     adapters = 2 * n * spec.domains * (ff // 16) * (ff + d)
-    adapters += 2 * n * (ff * 768 + 2 * 768 * 768) if spec.gate == "token" else 0   # the paper's gate MLP
+    adapters += 2 * n * (ff * 768 + 2 * 768 * 768) if spec.gate_kind == "token" else 0   # the paper's gate MLP
     flops = ffn + adapters if spec.mode == "inference" else 2 * ffn + 3 * adapters
     return flops / _RATE[(spec.dtype, spec.mode)]
 
 
 def _specs():
-    """The sequence-gate grid, then the per-token gate (with its default dropout in training,
-    p = 0.2) on BERT-base, K = 4, against which the sequence gate's groups read as the price of
-    per-token mixing."""
+    """The grid with each host's default gate (sequence for BERT/RoBERTa, token for the causal
+    Llama), then the per-token gate (with its default dropout in training, p = 0.2) on BERT-base,
+    K = 4, against which the sequence gate's groups read as the price of per-token mixing."""
     for shape in mb.SHAPES:
         for dtype in mb.DTYPES:
             for mode in mb.MODES:
@@ -53,7 +53,7 @@ def _specs():
 
 def _group(spec: mb.CaseSpec) -> str:
     """The case's pytest-benchmark group (and the start of its tests' ids)."""
-    gate = "" if spec.gate == "sequence" else f"-{spec.gate}gate"
+    gate = "" if spec.gate is None else f"-{spec.gate}gate"
     return f"{spec.shape}-{spec.dtype}-K{spec.domains}-T{spec.tokens}-{spec.mode}{gate}"
 
 

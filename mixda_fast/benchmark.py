@@ -75,9 +75,16 @@ class CaseSpec:
     batch: int = 8
     seq: int = 128
     mode: str = "inference"
-    gate: str = "sequence"
+    gate: Optional[str] = None    # None: the host's default (sequence for BERT/RoBERTa, token for Llama)
     contenders: Optional[tuple[str, ...]] = None
     gate_dropout: float = 0.0     # the gate's dropout p; active in training cases only
+
+    @property
+    def gate_kind(self) -> str:
+        """The gate ``patch_model`` gives this host: ``gate``, or the family's default for None."""
+        from .families import FAMILIES
+
+        return self.gate or ("token" if FAMILIES[_shape_dims(self.shape)[0]].causal else "sequence")
 
     @property
     def tokens(self) -> str:
@@ -205,7 +212,7 @@ def _fused_choice(layer) -> tuple[str, str, Optional[str]]:
 
 
 def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, batch: int = 8,
-               seq: int = 128, gate: str = "sequence", training: bool = False,
+               seq: int = 128, gate: Optional[str] = None, training: bool = False,
                contenders: Optional[Sequence[str]] = None, gate_dropout: float = 0.0) -> Case:
     """A one-layer host model of ``shape`` patched with K = ``domains`` adapters, and one callable
     per contender. Each callable sets the ops backend it needs; restore it afterwards
@@ -224,6 +231,7 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
     model = _tiny_host(model_type, d, ff).to(dt)
     patch_model(model, MixDAConfig(num_domains=domains, gate=gate, adapter_init="normal", gate_dropout=gate_dropout))
     layer = mixda_modules(model)[0]
+    gate = layer.mixda_config.gate                 # None resolved by patch_model
     layer.gate.train(training)       # the gate's dropout (if any) on in training; the host stays in eval
     # Stage 1: host frozen, adapters + gate train (set directly: only this layer matters here).
     model.requires_grad_(False)
@@ -383,7 +391,7 @@ def _rows_of(case: Case, times: dict[str, float], peak: float, peak_n: int = PEA
         sec = times[name]
         flops = case.flops_plain if name == "plain" else case.flops_mixda
         rows.append(dict(
-            shape=s.shape, dtype=s.dtype, K=s.domains, tokens=s.tokens, mode=s.mode, gate=s.gate,
+            shape=s.shape, dtype=s.dtype, K=s.domains, tokens=s.tokens, mode=s.mode, gate=s.gate_kind,
             gate_dropout=s.gate_dropout, contender=name, label=case.labels[name], ms=sec * 1e3, gflops=flops / sec / 1e9,
             frac_peak=flops / sec / peak, peak_gflops=peak / 1e9, peak_n=peak_n,
             frac_fp32_peak=(flops / sec / peak_fp32 if peak_fp32 and s.dtype != "fp32" else None),
@@ -504,7 +512,7 @@ def gemm_ceiling(spec: CaseSpec, reps: int = 5, peak_n: int = PEAK_N) -> dict:
     dt = DTYPES[spec.dtype]
     n, K, r, Dh = spec.batch * spec.seq, spec.domains, ff // 16, 768
     f1 = 2 * ff if family == "llama" else ff
-    rows_g = n if spec.gate == "token" else spec.batch
+    rows_g = n if spec.gate_kind == "token" else spec.batch
     R = torch.randn
 
     def lin(m, k, o):                         # (m, k) @ (o, k)^T, as nn.Linear
@@ -647,7 +655,8 @@ def build_parser(prog: str = "python -m mixda_fast.benchmark") -> argparse.Argum
                    help="BATCHxSEQ, e.g. 16x1 (decode) 1x128 8x128; default 16x1 8x128")
     p.add_argument("--mode", nargs="+", choices=list(MODES), default=None, help="default inference")
     p.add_argument("--train", action="store_true", help="same as --mode training")
-    p.add_argument("--gate", default="sequence", choices=["sequence", "token"])
+    p.add_argument("--gate", default=None, choices=["sequence", "token"],
+                   help="default: the host's (sequence for BERT/RoBERTa shapes, token for the causal Llama)")
     p.add_argument("--gate-dropout", type=_dropout_arg, default=0.0,
                    help="the gate's dropout p in training cases (default 0; MixDAConfig's default is 0.2)")
     p.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
@@ -719,7 +728,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m mixda_fast
           f"{reps} rounds (+1 warm-up), medians, interleaved; {_load()}", flush=True)
     print(f"fraction of peak = layer GEMM FLOP/s / FLOP/s of a {args.peak_n}^3 GEMM (x @ W^T) of the same dtype, "
           f"same run; training step = forward + backward, host frozen, FLOPs = 2 FFN + 3 (adapters + gate); "
-          f"gate {args.gate}, gate dropout in training {args.gate_dropout:g}", flush=True)
+          f"gate {args.gate or 'per host'}, gate dropout in training {args.gate_dropout:g}", flush=True)
     t0 = time.perf_counter()
     profiles: list[str] = []
     def collect_profile(case: Case) -> None:

@@ -22,15 +22,16 @@ def test_shape_names():
         mb._shape_dims("gpt9")
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-@pytest.mark.parametrize("gate", ["sequence", "token"])
+@pytest.mark.parametrize("family,gate", [("bert", "sequence"), ("bert", "token"), ("bert", None), ("llama", "token"),
+                                         ("llama", None)])
 def test_flop_and_byte_counts(family, gate):
     d, ff, K, B, T = 32, 128, 2, 3, 5
     case = mb.build_case(f"{family}:{d}x{ff}", "fp32", K, B, T, gate, contenders=("plain",))
+    assert case.spec.gate_kind == case.layer.mixda_config.gate == (gate or ("token" if family == "llama" else "sequence"))
     n, r = B * T, ff // 16
     ffn = 2 * n * d * ff * (3 if family == "llama" else 2)
     adapters = 2 * n * K * r * (ff + d)
-    rows = n if gate == "token" else B
+    rows = n if case.spec.gate_kind == "token" else B
     gate_f = 2 * rows * (ff * 768 + 2 * 768 * 768 + 768 * (K + 1))
     assert case.flops_plain == ffn
     assert case.flops_mixda == ffn + adapters + gate_f
