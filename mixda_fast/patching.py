@@ -105,10 +105,13 @@ def patch_model(model: nn.Module, config) -> nn.Module:
     """Add MixDA domain adapters and a gate to the FFNs that ``config.layers`` chooses, in place;
     with a :class:`~mixda_fast.MoDEConfig`, add MoDE expert blocks instead (mixda_fast.mode).
 
-    Returns ``model``. The base weights keep their values (freeze them with
-    :func:`mixda_fast.mark_trainable`; the fused forward may pack W2 with the adapters,
-    ``MixDAFFN.pack_adapters``, until :func:`unpatch_model`). Raises TypeError/ValueError naming the argument on bad
-    input, and then the model is exactly as it was.
+    ``config.gate=None`` becomes "token" for causal LMs and "sequence" for encoders in a copy of
+    the config (:func:`patch_config`); "sequence" on a causal LM is refused (it would let every
+    position see later tokens). Returns ``model``. The base weights keep their values (freeze them
+    with :func:`mixda_fast.mark_trainable`; W2 is packed with the adapters,
+    ``MixDAFFN.pack_adapters``, until :func:`unpatch_model`). ``model.config.mixda_fast`` records
+    the patch for ``save_pretrained`` (:func:`mixda_fast.load_patched`). Raises TypeError/ValueError
+    naming the argument on bad input, and then the model is exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model: model={type(model).__name__} is not accepted: expected a torch.nn.Module "
