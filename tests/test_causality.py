@@ -10,23 +10,13 @@ from hypothesis import given, settings, strategies as st
 
 import mixda_fast as mf
 from mixda_fast.patching import patch_config
-from tiny_models import CONFIGS, DECODERS, ENCODERS, VOCAB, batch, tiny_model
-
-
-def _randomize(model, std=0.5, seed=0):
-    """Non-zero adapters and gates: a patch at init (zero up-projection) hides leaks."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in mf.mixda_modules(model).values():
-            for name, p in m.named_parameters():
-                if not name.startswith("base_layer") and not name.startswith("down_proj"):
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+from tiny_models import CONFIGS, DECODERS, ENCODERS, VOCAB, batch, randomize_patch, tiny_model
 
 
 def _patched_lm(family, K=2, seed=0, **kw):
     model = tiny_model(family, head="lm", seed=seed)
     mf.patch_model(model, mf.MixDAConfig(num_domains=K, adapter_init="normal", **kw))
-    _randomize(model, seed=seed)
+    randomize_patch(model, std=0.5, seed=seed)
     return model.eval()
 
 

@@ -8,18 +8,10 @@ import torch
 
 import mixda_fast as mf
 from mixda_fast.patching import patch_state
-from tiny_models import batch, tiny_model
+from tiny_models import batch, randomize_patch, tiny_model
 
 THREADS = 3
 ITERATIONS = 25
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n or ".gate." in n or "mode_blocks" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _batches(family):
@@ -66,7 +58,7 @@ def _check_exact(fn, inputs):
 def test_threads_share_a_patched_model(family, gate, formulation):
     torch.manual_seed(0)
     model = mf.patch_model(tiny_model(family), mf.MixDAConfig(num_domains=2, gate=gate, gate_hidden=16))
-    _randomize(model)
+    randomize_patch(model)
     for m in mf.mixda_modules(model).values():
         m.formulation = formulation
     ptrs = [p.data_ptr() for p in model.parameters()]
@@ -82,7 +74,7 @@ def test_threads_share_a_patched_model(family, gate, formulation):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_threads_share_a_mode_model(family):
     model = mf.patch_model(tiny_model(family), mf.MoDEConfig(num_blocks=1, num_experts=2, expert_layers=1))
-    _randomize(model)
+    randomize_patch(model)
 
     @torch.no_grad()
     def fn(x):
@@ -95,7 +87,7 @@ def test_collecting_in_one_thread_leaves_other_threads_alone():
     """The old-knowledge pass (collecting (y, f) pairs, stopping early) in one thread while other
     threads run plain forwards: the pairs are that thread's only, the others' outputs exact."""
     model = mf.patch_model(tiny_model("bert"), mf.MixDAConfig(num_domains=2, gate_hidden=16))
-    _randomize(model)
+    randomize_patch(model)
     calls = patch_state(model).calls
     inputs = _batches("bert")
 

@@ -10,7 +10,7 @@ import transformers as tf
 
 import mixda_fast as mf
 from mixda_fast.pretrained import CONFIG_KEY
-from tiny_models import DECODERS, batch, tiny_model
+from tiny_models import DECODERS, batch, randomize_patch, tiny_model
 
 CASES = [("bert", "mixda"), ("roberta", "mixda"), ("gpt2", "mixda"), ("llama", "mixda"), ("bert", "mode"),
          ("llama", "mode")]
@@ -26,12 +26,7 @@ def _patched(family, method):
     model = tiny_model(family, head="lm")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     mf.patch_model(model, _config(method))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n or ".gate." in n or "mode_blocks" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model, original
+    return randomize_patch(model, seed=3), original
 
 
 def _logits(model, family):
