@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import functools
 import inspect
 from typing import Any, Callable, Iterator, Optional
@@ -71,14 +70,14 @@ class CallState:
         self._var: contextvars.ContextVar = contextvars.ContextVar("mixda_fast_frame", default=None)
         self._traced: Optional[Frame] = None
 
-    def __deepcopy__(self, memo):
-        new = CallState.__new__(CallState)
-        memo[id(self)] = new
-        new._position = self._position
-        new._layers = copy.deepcopy(self._layers, memo)
-        new._var = contextvars.ContextVar("mixda_fast_frame", default=None)
-        new._traced = None
-        return new
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, ``torch.save`` of the whole model) get frames of their own."""
+        return {"_position": self._position, "_layers": self._layers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._var = contextvars.ContextVar("mixda_fast_frame", default=None)
+        self._traced = None
 
     # -- reading ---------------------------------------------------------------------------
     def current(self, strict: bool = False) -> Optional[Frame]:

@@ -313,6 +313,10 @@ class MixDAFFN(nn.Module):
         self.pack_for_forward()
         return self
 
+    def __setstate__(self, state):
+        super().__setstate__(state)          # copy.deepcopy gives each parameter storage of its own
+        self.pack_for_forward()
+
     @torch.no_grad()
     def release_host_weights(self) -> None:
         """Give the host's W2 and b2 storage of their own again when they share one (after

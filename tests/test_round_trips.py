@@ -121,3 +121,18 @@ def test_load_patched_refuses_a_plain_checkpoint(tmp_path):
     tiny_model("bert", head="lm").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=CONFIG_KEY):
         mf.load_patched(tf.AutoModelForMaskedLM, tmp_path)
+
+
+@pytest.mark.parametrize("family,method", [("bert", "mixda"), ("llama", "mode")])
+def test_deepcopy_and_torch_save_of_the_whole_model(tmp_path, family, method):
+    """Copies compute what the original does, and each gets its own per-call state."""
+    import copy
+
+    model, _ = _patched(family, method)
+    want = _logits(model, family)
+    torch.save(model, tmp_path / "model.pt")
+    for other in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert mf.is_patched(other)
+        assert torch.equal(_logits(other, family), want)
+        calls = [m for m in other.modules() if hasattr(m, "_calls")][0]._calls
+        assert calls is not [m for m in model.modules() if hasattr(m, "_calls")][0]._calls
