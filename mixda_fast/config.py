@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from .validate import (MAX_LAYERS, check_choice, check_float, check_int, check_names, config_from_dict,
+                       config_from_json, fail, is_int)
+
 __all__ = ["MixDAConfig"]
 
 _ADAPTER_INPUTS = ("intermediate", "hidden")
@@ -21,12 +24,7 @@ _INITS = ("zero_up", "normal")
 
 
 def _fail(name: str, value: Any, accepted: str, exc=ValueError):
-    raise exc(f"MixDAConfig.{name}={value!r} is not accepted: expected {accepted}")
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass; True as a layer index or a width is always a mistake.
-    return isinstance(value, int) and not isinstance(value, bool)
+    fail(f"MixDAConfig.{name}", value, accepted, exc)
 
 
 @dataclass
@@ -40,7 +38,9 @@ class MixDAConfig:
     num_domains: Optional[int] = None
     """K >= 1 domain adapters per patched FFN."""
     domains: Optional[Sequence[str]] = None
-    """Names of the K domains (unique, non-empty); overrides the default names."""
+    """Names of the K domains (unique; 1..100 characters from ASCII letters, digits, '_' and '-',
+    not starting with '-': they key the adapters in saved files and name files); overrides the
+    default names."""
     layers: Optional[Sequence[int]] = None
     """0-based indices of the layers to patch; negatives count from the end. None = every layer
     (the paper patches two of 24 layers of RoBERTa-large: 7 and 11)."""
@@ -78,22 +78,10 @@ class MixDAConfig:
             raise ValueError(
                 "MixDAConfig needs num_domains (an int >= 1) or domains (a list of names); got neither"
             )
-        if self.num_domains is not None and (not _is_int(self.num_domains)):
-            _fail("num_domains", self.num_domains, "an int >= 1", TypeError)
-        if self.num_domains is not None and self.num_domains < 1:
-            _fail("num_domains", self.num_domains, "an int >= 1")
+        if self.num_domains is not None:
+            check_int("MixDAConfig.num_domains", self.num_domains, 1, cap="MAX_DOMAINS")
         if self.domains is not None:
-            if isinstance(self.domains, str) or not isinstance(self.domains, (list, tuple)):
-                _fail("domains", self.domains, "a list of domain names (str)", TypeError)
-            names = list(self.domains)
-            if not names:
-                _fail("domains", self.domains, "at least one domain name")
-            for n in names:
-                if not isinstance(n, str) or not n or "." in n:
-                    _fail("domains", self.domains, "non-empty str names without '.'",
-                          TypeError if not isinstance(n, str) else ValueError)
-            if len(set(names)) != len(names):
-                _fail("domains", self.domains, "unique names")
+            names = check_names("MixDAConfig.domains", self.domains, what="domain names")
             if self.num_domains is not None and self.num_domains != len(names):
                 _fail("num_domains", self.num_domains,
                       f"len(domains) = {len(names)} when both are given")
@@ -103,38 +91,28 @@ class MixDAConfig:
             self.domains = [f"domain_{k}" for k in range(self.num_domains)]
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple)):
-                if _is_int(self.layers):
+                if is_int(self.layers):
                     self.layers = [self.layers]
                 else:
                     _fail("layers", self.layers, "None or a list of int layer indices", TypeError)
-            if not all(_is_int(i) for i in self.layers):
+            if not all(is_int(i) for i in self.layers):
                 _fail("layers", self.layers, "None or a list of int layer indices", TypeError)
             if len(self.layers) == 0:
                 _fail("layers", self.layers, "None (every layer) or a non-empty list of indices")
+            if len(self.layers) > MAX_LAYERS or any(not -MAX_LAYERS <= i < MAX_LAYERS for i in self.layers):
+                _fail("layers", self.layers, f"at most {MAX_LAYERS} layer indices in -{MAX_LAYERS} .. "
+                                             f"{MAX_LAYERS - 1} (mixda_fast.validate.MAX_LAYERS)")
             self.layers = list(self.layers)
-        if not _is_int(self.reduction_factor):
-            _fail("reduction_factor", self.reduction_factor, "an int >= 1", TypeError)
-        if self.reduction_factor < 1:
-            _fail("reduction_factor", self.reduction_factor, "an int >= 1")
+        check_int("MixDAConfig.reduction_factor", self.reduction_factor, 1, cap="MAX_REDUCTION_FACTOR")
         for name, choices in (("adapter_input", _ADAPTER_INPUTS), ("gate", _GATES),
                               ("mixing", _MIXINGS), ("adapter_init", _INITS)):
             value = getattr(self, name)
             if value is None and name == "gate":
                 continue                                 # decided by patch_model from the model
-            if value not in choices:
-                _fail(name, value, " | ".join(repr(c) for c in choices),
-                      ValueError if isinstance(value, str) else TypeError)
-        for name in ("gate_hidden", "gate_layers"):
-            value = getattr(self, name)
-            if not _is_int(value):
-                _fail(name, value, "an int >= 1", TypeError)
-            if value < 1:
-                _fail(name, value, "an int >= 1")
-        if isinstance(self.gate_dropout, bool) or not isinstance(self.gate_dropout, (int, float)):
-            _fail("gate_dropout", self.gate_dropout, "a float in [0, 1)", TypeError)
-        if not 0.0 <= float(self.gate_dropout) < 1.0:
-            _fail("gate_dropout", self.gate_dropout, "a float in [0, 1)")
-        self.gate_dropout = float(self.gate_dropout)
+            check_choice(f"MixDAConfig.{name}", value, choices)
+        check_int("MixDAConfig.gate_hidden", self.gate_hidden, 1, cap="MAX_GATE_HIDDEN")
+        check_int("MixDAConfig.gate_layers", self.gate_layers, 1, cap="MAX_GATE_LAYERS")
+        self.gate_dropout = check_float("MixDAConfig.gate_dropout", self.gate_dropout, 0.0, 1.0, hi_open=True)
         if not isinstance(self.paper_gate_bug, bool):
             _fail("paper_gate_bug", self.paper_gate_bug, "True or False", TypeError)
         if not isinstance(self.extra, dict):
@@ -152,17 +130,10 @@ class MixDAConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MixDAConfig":
-        if not isinstance(data, dict):
-            raise TypeError(f"MixDAConfig.from_dict: data={data!r} is not accepted: expected a dict")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"MixDAConfig.from_dict: unknown fields {unknown}; accepted fields: {sorted(known)}"
-            )
-        return cls(**data)
+    def from_dict(cls, data: dict, source: Optional[str] = None) -> "MixDAConfig":
+        """The config of ``data``; ``source`` (e.g. the file it came from) starts every error."""
+        return config_from_dict(cls, data, source)
 
     @classmethod
-    def from_json(cls, text: str) -> "MixDAConfig":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: Optional[str] = None) -> "MixDAConfig":
+        return config_from_json(cls, text, source)

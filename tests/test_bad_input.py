@@ -30,7 +30,7 @@ def _raises(exc, *fragments):
     (dict(num_domains=1, adapter_input="x"), ValueError, ["adapter_input", "'x'", "'intermediate'", "'hidden'"]),
     (dict(num_domains=1, gate="layer"), ValueError, ["gate", "'layer'", "'sequence'", "'token'"]),
     (dict(num_domains=1, mixing="sum"), ValueError, ["mixing", "'sum'", "'paper'", "'residual'"]),
-    (dict(num_domains=1, gate_dropout=1.5), ValueError, ["gate_dropout", "1.5", "[0, 1)"]),
+    (dict(num_domains=1, gate_dropout=1.5), ValueError, ["gate_dropout", "1.5", "< 1"]),
     (dict(num_domains=1, gate_layers=0), ValueError, ["gate_layers", "0"]),
     (dict(num_domains=1, paper_gate_bug="yes"), TypeError, ["paper_gate_bug", "'yes'"]),
     (dict(num_domains=1, adapter_init="xavier"), ValueError, ["adapter_init", "'xavier'", "'zero_up'"]),
@@ -104,10 +104,10 @@ def test_failed_swap_is_rolled_back(monkeypatch):
     model = tiny_model("bert")
     snap = _snapshot(model)
 
-    def boom(self, base):
+    def boom(*args, **kwargs):
         raise RuntimeError("hook registration failed")
 
-    monkeypatch.setattr(patching._MaskCapture, "register", boom)
+    monkeypatch.setattr(patching, "register_name_hooks", boom)
     with pytest.raises(RuntimeError, match="hook registration failed"):
         mf.patch_model(model, mf.MixDAConfig(num_domains=2))
     _assert_unchanged(model, snap)
@@ -206,14 +206,12 @@ def test_save_replaces_atomically(saved, tmp_path, monkeypatch):
     """A save that fails half-way leaves the earlier file intact and no temporary behind."""
     model, path = saved
     original = path.read_bytes()
-    import mixda_fast.saving as saving
+    import mixda_fast.io as io
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def failing_save(tensors, metadata=None):
         raise OSError("disk full")
 
-    monkeypatch.setattr(saving, "save_file", failing_save)
+    monkeypatch.setattr(io, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         mf.save_adapters(model, path)
     assert path.read_bytes() == original
@@ -239,3 +237,179 @@ def test_odd_ffn_input_shapes_still_work():
     assert layer(x).shape == (4, layer.hidden_size)
     out = model(**batch("gpt2", B=1, T=1, pad=False))
     assert out.last_hidden_state.shape == (1, 1, 32)
+
+
+# ---- issue 10 item 7: names, caps, CLI flags, labels, manifests ----------------------------------
+
+BAD_NAMES = ["a/b", "a\x00b", "a\nb", "x" * 101, "", "-a", "a.b", "a b", "..", "é"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("cls", ["MixDAConfig", "MoDEConfig"])
+def test_unsafe_domain_names_refused(cls, name):
+    with _raises(ValueError, f"{cls}.domains=", repr(name), "safe file name"):
+        getattr(mf, cls)(domains=[name])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_domains=10 ** 12), "num_domains"), (dict(num_domains=1, gate_hidden=65537), "gate_hidden"),
+    (dict(num_domains=1, gate_layers=65), "gate_layers"), (dict(num_domains=1, reduction_factor=2 ** 21), "reduction_factor"),
+    (dict(num_domains=1, gate_dropout=float("nan")), "gate_dropout"), (dict(num_domains=1, layers=[10 ** 9]), "layers"),
+])
+def test_mixda_config_caps(kwargs, field):
+    with _raises(ValueError, f"MixDAConfig.{field}="):
+        mf.MixDAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_blocks=10 ** 9), "num_blocks"), (dict(expert_layers=257), "expert_layers"),
+    (dict(num_experts=1025), "num_experts"),
+])
+def test_mode_config_caps(kwargs, field):
+    with _raises(ValueError, f"MoDEConfig.{field}=", "mixda_fast.validate.MAX_"):
+        mf.MoDEConfig(**kwargs)
+
+
+def test_config_from_json_names_source():
+    with _raises(ValueError, "f.safetensors", "num_domains=1000000000000"):
+        mf.MixDAConfig.from_json('{"num_domains": 1000000000000}', source="f.safetensors")
+    with _raises(ValueError, "f.safetensors", "malformed JSON"):
+        mf.MoDEConfig.from_json("{oops", source="f.safetensors")
+
+
+CLI_BAD = [
+    ("stage1", "--lr", "nan"), ("stage1", "--lr", "0"), ("stage1", "--lr", "-1"), ("stage1", "--lambda", "inf"),
+    ("stage1", "--lambda", "-1"), ("stage1", "--old-weight", "inf"), ("stage1", "--old-weight", "nan"),
+    ("stage1", "--weight-decay", "-5"), ("stage1", "--weight-decay", "nan"), ("stage1", "--threads", "-1"),
+    ("stage1", "--epochs", "inf"), ("stage1", "--epochs", "0"), ("stage1", "--gate-dropout", "1.5"),
+    ("stage1", "--gate-dropout", "-0.1"), ("stage1", "--batch-size", "0"), ("stage1", "--max-length", "0"),
+    ("stage1", "--grad-accum", "0"), ("stage1", "--logging-steps", "0"), ("stage1", "--max-steps", "-1"),
+    ("stage1", "--save-steps", "-1"), ("stage1", "--save-total-limit", "-1"), ("stage1", "--seed", "-1"),
+    ("stage1", "--seed", str(2 ** 32)), ("stage1", "--reduction-factor", "0"), ("stage1", "--gate-hidden", "65537"),
+    ("stage1", "--gate-layers", "0"), ("stage1", "--general-batch-size", "0"), ("stage1", "--layers", "1.5"),
+    ("stage1", "--num-blocks", "0"), ("stage1", "--expert-layers", "1000"), ("stage1", "--domain", "a/b"),
+    ("stage1", "--domain", "x" * 101), ("stage1", "--batch-size", "many"),
+    ("stage2", "--lr", "nan"), ("stage2", "--warmup-epochs", "-1"), ("stage2", "--warmup-epochs", "nan"),
+    ("stage2", "--k-shot", "0"), ("stage2", "--task-reduction-factor", "0"), ("stage2", "--labels", "a,a"),
+    ("stage2", "--labels", "a,,b"), ("stage2", "--expert-names", "a/b,c"), ("stage2", "--threads", "-3"),
+    ("evaluate", "--batch-size", "0"), ("evaluate", "--threads", "-1"),
+    ("demo", "--seed", "-1"), ("demo", "--threads", "-1"),
+]
+
+
+def _cli_args(command, tmp_path):
+    out = tmp_path / "out"
+    return out, {"stage1": ["stage1", "--model", str(tmp_path / "m"), "--knowledge", str(tmp_path / "k.txt"),
+                            "--output", str(out)],
+                 "stage2": ["stage2", "--model", str(tmp_path / "m"), "--train", str(tmp_path / "t.jsonl"),
+                            "--output", str(out)],
+                 "evaluate": ["evaluate", "--run", str(out), "--data", str(tmp_path / "d.txt")],
+                 "demo": ["demo", "--out", str(out)]}[command]
+
+
+@pytest.mark.parametrize("command, flag, value", CLI_BAD, ids=[f"{c}{f}={v[:12]}" for c, f, v in CLI_BAD])
+def test_cli_refuses_bad_numbers_and_names(command, flag, value, tmp_path, capsys):
+    from mixda_fast.cli import main
+
+    out, args = _cli_args(command, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*args, flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mixda-fast {command}: error: argument {flag}") and "is not accepted: expected" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["stage1", "stage2", "demo"])
+def test_cli_refuses_output_that_is_a_file(command, tmp_path, capsys):
+    from mixda_fast.cli import main
+
+    out, args = _cli_args(command, tmp_path)
+    out.write_text("user data")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert "existing file" in capsys.readouterr().err and out.read_text() == "user data"
+
+
+@pytest.mark.parametrize("rows, labels, fragments", [
+    ([{"text": "a", "label": 10 ** 9}], None, ["t.jsonl:1", "label", "1000000000", "MAX_CLASSES"]),
+    ([{"text": "a", "label": -1}], None, ["t.jsonl:1", "negative"]),
+    ([{"text": "a", "label": "x"}], ["y", "z"], ["t.jsonl:1", "'x'", "not one of the labels"]),
+    ([{"text": "a", "label": "x"}], ["x", "x"], ["labels", "unique"]),
+    ([{"text": "a", "label": "x"}], [], ["labels", "MAX_CLASSES"]),
+])
+def test_task_labels_refused(rows, labels, fragments, tmp_path):
+    import json
+
+    from mixda_fast.training.data import load_task
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with _raises(ValueError, *fragments):
+        load_task(path, labels=labels)
+
+
+_GOOD_RUN = {"format": "mixda_fast.run/1", "stage": 1, "domain": "bio", "model_type": "bert",
+             "config": {"domains": ["bio"]}, "files": {"adapters": "mixda_adapters.safetensors"}}
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (dict(stage=7), ["stage=7", "1 | 2"]),
+    (dict(method="lora"), ["method='lora'"]),
+    (dict(files=[]), ["files=[]", "dict"]),
+    (dict(files={"adapters": "/etc/passwd"}), ["files['adapters']", "/etc/passwd", "plain file name"]),
+    (dict(files={"adapters": "../x.safetensors"}), ["files['adapters']", "plain file name"]),
+    (dict(files={"adapters": ".."}), ["files['adapters']"]),
+    (dict(files={}), ["'adapters'", "stage-1"]),
+    (dict(config={"num_domains": 10 ** 12}), ["config", "num_domains=1000000000000", "MAX_DOMAINS"]),
+    (dict(config={"domains": ["a/b"]}), ["config", "MixDAConfig.domains"]),
+    (dict(config="x"), ["config", "dict"]),
+    (dict(domain="a/b"), ["domain='a/b'"]),
+    (dict(method="mode", config={"num_blocks": 10 ** 9}, files={"expert": "e.safetensors", "experts": "x.safetensors"}),
+     ["MoDEConfig.num_blocks"]),
+    (dict(max_length=0), ["max_length=0"]),
+    (None, ["mixda_run.json", "JSON object"]),
+])
+def test_manifest_refused(change, fragments, tmp_path):
+    import json
+
+    from mixda_fast.training.stage2 import read_run
+
+    run = [1, 2] if change is None else {**_GOOD_RUN, **change}
+    (tmp_path / "mixda_run.json").write_text(json.dumps(run))
+    with pytest.raises((TypeError, ValueError)) as e:
+        read_run(tmp_path)
+    msg = str(e.value)
+    assert "mixda_run.json" in msg and all(f in msg for f in fragments), msg
+
+
+def test_manifest_malformed_json_and_symlink(tmp_path):
+    from mixda_fast.training.stage2 import read_run
+
+    (tmp_path / "mixda_run.json").write_text("{oops")
+    with _raises(ValueError, "mixda_run.json", "malformed JSON"):
+        read_run(tmp_path)
+    import json
+    import os
+
+    (tmp_path / "link.safetensors").symlink_to("/etc/passwd")
+    (tmp_path / "mixda_run.json").write_text(json.dumps({**_GOOD_RUN, "files": {"adapters": "link.safetensors"}}))
+    with _raises(ValueError, "files['adapters']", "outside"):
+        read_run(tmp_path)
+    (tmp_path / "link.safetensors").unlink()
+    (tmp_path / "mixda_run.json").write_text(json.dumps(_GOOD_RUN))
+    assert read_run(tmp_path)["domain"] == "bio"
+
+
+@pytest.mark.parametrize("name,value,exc", [("knowledge_weight", float("nan"), ValueError),
+                                            ("old_weight", float("inf"), ValueError),
+                                            ("old_weight", -1.0, ValueError),
+                                            ("knowledge_weight", "0.5", TypeError),
+                                            ("gate_learning_rate", float("nan"), ValueError),
+                                            ("gate_learning_rate", 0.0, ValueError)])
+def test_trainer_loss_weights_and_gate_lr_are_finite(name, value, exc):
+    from mixda_fast.training.trainer import MixDATrainer
+
+    with pytest.raises(exc, match=rf"MixDATrainer: {name}="):
+        MixDATrainer(**{name: value})

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from ..validate import check_choice, check_int, check_names, config_from_dict, config_from_json, fail
+
 __all__ = ["MoDEConfig", "EXPERT_INITS", "EXECUTIONS"]
 
 EXPERT_INITS = ("copy", "random")
@@ -21,18 +23,7 @@ EXECUTIONS = ("auto", "batched", "loop")
 
 
 def _fail(name: str, value: Any, accepted: str, exc=ValueError):
-    raise exc(f"MoDEConfig.{name}={value!r} is not accepted: expected {accepted}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not _is_int(value):
-        _fail(name, value, "an int >= 1", TypeError)
-    if value < 1:
-        _fail(name, value, "an int >= 1")
+    fail(f"MoDEConfig.{name}", value, accepted, exc)
 
 
 @dataclass
@@ -49,7 +40,8 @@ class MoDEConfig:
     num_experts: Optional[int] = None
     """N >= 1 experts beside every block (default 1, or len(domains))."""
     domains: Optional[Sequence[str]] = None
-    """Names of the N experts, one per domain (unique, non-empty, no '.')."""
+    """Names of the N experts, one per domain (unique; 1..100 characters from ASCII letters, digits,
+    '_' and '-', not starting with '-': they become file names)."""
     expert_layers: int = 2
     """L_e: each expert is a stack of this many layers of the model's own layer class."""
     expert_init: str = "copy"
@@ -71,23 +63,12 @@ class MoDEConfig:
     """Free-form user metadata, saved with the experts."""
 
     def __post_init__(self) -> None:
-        _positive_int("num_blocks", self.num_blocks)
-        _positive_int("expert_layers", self.expert_layers)
+        check_int("MoDEConfig.num_blocks", self.num_blocks, 1, cap="MAX_LAYERS")
+        check_int("MoDEConfig.expert_layers", self.expert_layers, 1, cap="MAX_EXPERT_LAYERS")
         if self.num_experts is not None:
-            _positive_int("num_experts", self.num_experts)
+            check_int("MoDEConfig.num_experts", self.num_experts, 1, cap="MAX_DOMAINS")
         if self.domains is not None:
-            if isinstance(self.domains, str) or not isinstance(self.domains, (list, tuple)):
-                _fail("domains", self.domains, "a list of expert (domain) names (str)", TypeError)
-            names = list(self.domains)
-            if not names:
-                _fail("domains", self.domains, "at least one name")
-            for n in names:
-                if not isinstance(n, str):
-                    _fail("domains", self.domains, "non-empty str names without '.'", TypeError)
-                if not n or "." in n:
-                    _fail("domains", self.domains, "non-empty str names without '.'")
-            if len(set(names)) != len(names):
-                _fail("domains", self.domains, "unique names")
+            names = check_names("MoDEConfig.domains", self.domains, what="expert (domain) names")
             if self.num_experts is not None and self.num_experts != len(names):
                 _fail("num_experts", self.num_experts, f"len(domains) = {len(names)} when both are given")
             self.domains = names
@@ -97,10 +78,7 @@ class MoDEConfig:
                 self.num_experts = 1
             self.domains = [f"expert_{j}" for j in range(self.num_experts)]
         for name, choices in (("expert_init", EXPERT_INITS), ("execution", EXECUTIONS)):
-            value = getattr(self, name)
-            if value not in choices:
-                _fail(name, value, " | ".join(repr(c) for c in choices),
-                      ValueError if isinstance(value, str) else TypeError)
+            check_choice(f"MoDEConfig.{name}", getattr(self, name), choices)
         if not isinstance(self.freeze_experts, bool):
             _fail("freeze_experts", self.freeze_experts, "True or False", TypeError)
         if not isinstance(self.extra, dict):
@@ -118,15 +96,10 @@ class MoDEConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MoDEConfig":
-        if not isinstance(data, dict):
-            raise TypeError(f"MoDEConfig.from_dict: data={data!r} is not accepted: expected a dict")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MoDEConfig.from_dict: unknown fields {unknown}; accepted fields: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: dict, source: Optional[str] = None) -> "MoDEConfig":
+        """The config of ``data``; ``source`` (e.g. the file it came from) starts every error."""
+        return config_from_dict(cls, data, source)
 
     @classmethod
-    def from_json(cls, text: str) -> "MoDEConfig":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: Optional[str] = None) -> "MoDEConfig":
+        return config_from_json(cls, text, source)

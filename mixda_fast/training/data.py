@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..validate import MAX_CLASSES, check_labels
+
 __all__ = ["DataFileError", "read_records", "load_knowledge", "load_texts", "load_task",
            "kshot_sample", "split_prompt", "encode_knowledge", "encode_texts", "encode_task",
            "KnowledgeCollator", "Stage1Collator", "TaskCollator", "TASKS"]
@@ -235,8 +237,15 @@ def load_task(path: PathLike, task: str = "classification", labels: Optional[Seq
             if kinds == {int}:
                 if min(labels) < 0:
                     raise DataFileError(path, next(r[0] for r in raw if r[3] < 0), "field 'label' is negative")
+                if max(labels) >= MAX_CLASSES:
+                    raise DataFileError(path, next(r[0] for r in raw if r[3] >= MAX_CLASSES),
+                                        f"field 'label' = {max(labels)} is not accepted: expected a class id 0 .. "
+                                        f"{MAX_CLASSES - 1} (mixda_fast.validate.MAX_CLASSES)")
                 labels = list(range(max(labels) + 1))
-        labels = list(labels)
+            elif len(labels) > MAX_CLASSES:
+                raise DataFileError(path, None, f"field 'label' has {len(labels)} distinct values: expected at most "
+                                                f"{MAX_CLASSES} classes (mixda_fast.validate.MAX_CLASSES)")
+        labels = check_labels("load_task: labels", labels)
         index = {lab: i for i, lab in enumerate(labels)}
         for line, text, pair, label in raw:
             if label not in index:
