@@ -3,34 +3,28 @@
 A file holds either everything trainable in the patch (every domain adapter and the gates;
 ``domain=None``) or one domain's adapters (``domain="name"``: what stage 1 produces, loaded
 into any slot by stage 2). Loading checks the family, the layers, the widths and K strictly and
-says what differs; files are written to a temporary name and renamed, so a crash never leaves a
-half-written file under the real name.
+says what differs, and every tensor's name, shape and finiteness is checked before any is copied.
+Files are written with :func:`mixda_fast.io.save_safetensors` (atomic, and never over a file
+that is not an adapter file).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import MixDAConfig
+from .io import ADAPTERS as FORMAT, AdapterFileNotFoundError, check_tensors, read_safetensors, save_safetensors
 from .patching import mixda_modules, patch_state
 
 __all__ = ["save_adapters", "load_adapters", "AdapterFileNotFoundError", "FORMAT"]
 
-FORMAT = "mixda_fast.adapters/1"
 _STRUCTURAL = ("reduction_factor", "adapter_input", "gate", "gate_hidden", "gate_layers", "mixing")
-
-
-class AdapterFileNotFoundError(FileNotFoundError, ValueError):
-    """The adapter file does not exist (both a FileNotFoundError and a ValueError)."""
 
 
 def _as_path(path, fn: str) -> Path:
@@ -83,47 +77,10 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     metadata = {"format": FORMAT, "kind": "all" if domain is None else "domain",
                 "model_type": state.model_type, "config": state.config.to_json(),
                 "layers": json.dumps(state.layers), "domain": domain or ""}
-    return save_safetensors_atomic(tensors, path, metadata)
+    return save_safetensors(tensors, path, metadata, "save_adapters")
 
 
-def replace_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``: readers
-    see the old file or the new one, never half of one. On failure the temporary is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def save_safetensors_atomic(tensors: dict, path: Union[str, os.PathLike], metadata: dict) -> Path:
-    """safetensors ``save_file`` through :func:`replace_atomically`; returns ``path``."""
-    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return Path(path)
-
-
-def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not path.exists():
-        raise AdapterFileNotFoundError(2, f"load_adapters: path={str(path)!r} does not exist; "
-                                          "expected a file written by mixda_fast.save_adapters", str(path))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise ValueError(f"load_adapters: path={str(path)!r} is not a readable safetensors file "
-                         f"(truncated or not safetensors): {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"load_adapters: path={str(path)!r} has format={meta.get('format')!r}; "
-                         f"expected a mixda_fast adapter file with format={FORMAT!r}")
-    return meta, tensors
+save_safetensors_atomic = save_safetensors   # the name other modules import
 
 
 def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None) -> nn.Module:
@@ -141,12 +98,12 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     if path.is_dir():
         candidates = [p for p in (path / _file_name(None), path / _file_name(domain)) if p.exists()]
         path = candidates[0] if candidates else path / _file_name(domain)
-    meta, tensors = _read(path)
+    meta, tensors = read_safetensors(path, FORMAT, "load_adapters")
     where = f"load_adapters: {str(path)!r}"
     if meta.get("model_type") != state.model_type:
         raise ValueError(f"{where} was saved from family model_type={meta.get('model_type')!r}; "
                          f"this model is {state.model_type!r}")
-    saved = MixDAConfig.from_json(meta["config"])
+    saved = MixDAConfig.from_json(meta["config"], source=str(path))
     cfg = state.config
     diffs = {k: (getattr(saved, k), getattr(cfg, k)) for k in _STRUCTURAL if getattr(saved, k) != getattr(cfg, k)}
     saved_layers = json.loads(meta.get("layers", "null"))
@@ -174,15 +131,7 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
         prefix = ".adapters." + domain + "."
         tensors = {k.replace(prefix, ".adapter."): v for k, v in tensors.items() if prefix in k}
     targets = _tensors(model, None if kind == "all" and domain is None else domain)
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"{where}: tensor names differ; missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, p in targets.items():
-        t = tensors[k]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)}; the model expects {tuple(p.shape)}")
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}: tensor {k!r} holds non-finite values (NaN or Inf) or is not floating point")
+    check_tensors(targets, tensors, where)
     with torch.no_grad():
         for k, p in targets.items():
             p.copy_(tensors[k])

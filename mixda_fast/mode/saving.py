@@ -4,8 +4,9 @@ Stage 1 trains one expert per domain and saves it with :func:`save_experts` (``d
 file holds that expert's layers in every block and its two gate rows (expert, backbone). Stage 2
 builds an (N+1)-way model from N such files with :func:`compose_experts`. ``domain=None`` saves
 or loads the whole patch (every expert and the full gates). Loading checks the family, the layer
-class, the depth, the width, the blocks and the expert depth strictly and says what differs;
-files are written to a temporary name and renamed (mixda_fast.saving's house style).
+class, the depth, the width, the blocks and the expert depth strictly and says what differs, and
+every tensor (gate rows included) by name, shape and finiteness before any is copied; files are
+written with :func:`mixda_fast.io.save_safetensors` (atomic; never over another kind of file).
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-
-from ..saving import AdapterFileNotFoundError, _as_path, save_safetensors_atomic
+from ..io import EXPERTS as FORMAT, check_tensors, read_safetensors, save_safetensors
+from ..saving import _as_path
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
 __all__ = ["save_experts", "load_experts", "compose_experts", "read_expert_metadata", "FORMAT"]
-
-FORMAT = "mixda_fast.mode/1"
 
 
 def _file_name(domain: Optional[str]) -> str:
@@ -59,10 +57,6 @@ def _metadata(model: nn.Module, kind: str, domain: Optional[str]) -> dict[str, s
             "config": state.config.to_json(), "domain": domain or ""}
 
 
-def _write(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Path:
-    return save_safetensors_atomic(tensors, path, metadata)
-
-
 def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None) -> Path:
     """Write the MoDE experts of a patched model to ``path``.
 
@@ -87,7 +81,8 @@ def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
             w, b = w[rows], b[rows]
         tensors[f"blocks.{i}.gate.weight"] = w.contiguous().cpu()
         tensors[f"blocks.{i}.gate.bias"] = b.contiguous().cpu()
-    return _write(tensors, _metadata(model, "all" if domain is None else "expert", domain), path)
+    return save_safetensors(tensors, path, _metadata(model, "all" if domain is None else "expert", domain),
+                            "save_experts")
 
 
 def _resolve(path, fn: str, domain: Optional[str] = None) -> Path:
@@ -99,21 +94,7 @@ def _resolve(path, fn: str, domain: Optional[str] = None) -> Path:
 
 
 def _read(path: Path, fn: str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not path.exists():
-        raise AdapterFileNotFoundError(2, f"{fn}: path={str(path)!r} does not exist; expected a file written by "
-                                          "mixda_fast.save_experts", str(path))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise ValueError(f"{fn}: path={str(path)!r} is not a readable safetensors file "
-                         f"(truncated or not safetensors): {e}") from None
-    if meta.get("format") != FORMAT:
-        hint = " (a MixDA adapter file: load it with mixda_fast.load_adapters)" \
-            if str(meta.get("format", "")).startswith("mixda_fast.adapters") else ""
-        raise ValueError(f"{fn}: path={str(path)!r} has format={meta.get('format')!r}; expected a MoDE expert "
-                         f"file with format={FORMAT!r}{hint}")
+    meta, data = read_safetensors(path, FORMAT, fn, tensors)
     if meta.get("kind") not in ("all", "expert"):
         raise ValueError(f"{fn}: path={str(path)!r} has kind={meta.get('kind')!r}; expected 'all' or 'expert'")
     return meta, data
@@ -121,9 +102,10 @@ def _read(path: Path, fn: str, tensors: bool = True) -> tuple[dict, dict[str, to
 
 def read_expert_metadata(path: Union[str, os.PathLike]) -> dict:
     """The metadata of a MoDE expert file, with ``config`` parsed into a :class:`MoDEConfig`."""
-    meta, _ = _read(_resolve(path, "read_expert_metadata"), "read_expert_metadata", tensors=False)
+    path = _resolve(path, "read_expert_metadata")
+    meta, _ = _read(path, "read_expert_metadata", tensors=False)
     meta = dict(meta)
-    meta["config"] = MoDEConfig.from_json(meta["config"])
+    meta["config"] = MoDEConfig.from_json(meta["config"], source=str(path))
     return meta
 
 
@@ -143,18 +125,6 @@ def _check_fits(model: nn.Module, meta: dict, where: str) -> None:
         raise ValueError(f"{where} does not fit this model: {lines}")
 
 
-def _check_tensors(targets: dict, tensors: dict, where: str) -> None:
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"{where}: tensor names differ; missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, p in targets.items():
-        t = tensors[k]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)}; the model expects {tuple(p.shape)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}: tensor {k!r} holds non-finite values (NaN or Inf)")
-
-
 def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None,
                  gate: bool = True) -> nn.Module:
     """Load a file written by :func:`save_experts` into a MoDE-patched model; returns ``model``.
@@ -172,17 +142,21 @@ def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
     where = f"load_experts: {str(path)!r}"
     _check_fits(model, meta, where)
     names = list(state.config.domains)
-    saved = MoDEConfig.from_json(meta["config"])
+    saved = MoDEConfig.from_json(meta["config"], source=str(path))
     blocks = mode_blocks(model)
-    full_gates = meta["kind"] == "all" and domain is None   # copy the (N+1)-way gates as they are
-    gate_rows = []                                           # (gate, model rows, file weight, file bias)
     gate_tensors = {k: v for k, v in tensors.items() if ".gate." in k}
     tensors = {k: v for k, v in tensors.items() if ".gate." not in k}
+    file_rows = len(saved.domains) + 1 if meta["kind"] == "all" else 2     # experts + backbone
+    check_tensors({f"blocks.{i}.gate.{p}": torch.empty((file_rows, *t.shape[1:]), dtype=t.dtype, device="meta")
+                   for i, b in enumerate(blocks) for p, t in (("weight", b.gate.weight), ("bias", b.gate.bias))},
+                  gate_tensors, where)
+    rows = []                           # the model's gate rows set from the file's first len(rows) rows
     if meta["kind"] == "all":
         if domain is None:
             if list(saved.domains) != names:
                 raise ValueError(f"{where} holds experts {list(saved.domains)}; the model has {names}")
             targets = _expert_tensors(model, None)
+            rows = list(range(len(names) + 1))
         else:
             if domain not in saved.domains:
                 raise ValueError(f"{where} holds experts {list(saved.domains)}; domain={domain!r} is not among them")
@@ -196,27 +170,14 @@ def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
         targets = {k.replace(f".experts.{domain}.", ".expert."): v
                    for k, v in _expert_tensors(model, domain).items()}
         if gate:
-            _check_tensors({f"blocks.{i}.gate.{p}": t for i, b in enumerate(blocks)
-                            for p, t in (("weight", b.gate.weight[:2]), ("bias", b.gate.bias[:2]))},
-                           gate_tensors, where)
             rows = [names.index(domain), len(names)] if len(names) == 1 else [names.index(domain)]
-            for i, block in enumerate(blocks):
-                gate_rows.append((block.gate, rows, gate_tensors[f"blocks.{i}.gate.weight"],
-                                  gate_tensors[f"blocks.{i}.gate.bias"]))
-    _check_tensors(targets, tensors, where)
-    if full_gates:
-        _check_tensors({f"blocks.{i}.gate.{p}": t for i, b in enumerate(blocks)
-                        for p, t in (("weight", b.gate.weight), ("bias", b.gate.bias))}, gate_tensors, where)
-        for i, block in enumerate(blocks):
-            rows = list(range(len(names) + 1))
-            gate_rows.append((block.gate, rows, gate_tensors[f"blocks.{i}.gate.weight"],
-                              gate_tensors[f"blocks.{i}.gate.bias"]))
+    check_tensors(targets, tensors, where)
     with torch.no_grad():
         for k, p in targets.items():
             p.copy_(tensors[k])
-        for g, rows, w, b in gate_rows:
-            g.weight[rows] = w[: len(rows)].to(g.weight)
-            g.bias[rows] = b[: len(rows)].to(g.bias)
+        for i, block in enumerate(blocks if rows else ()):
+            block.gate.weight[rows] = gate_tensors[f"blocks.{i}.gate.weight"][: len(rows)].to(block.gate.weight)
+            block.gate.bias[rows] = gate_tensors[f"blocks.{i}.gate.bias"][: len(rows)].to(block.gate.bias)
     for block in blocks:
         block._stacked.clear()
     return model
@@ -272,7 +233,8 @@ def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], 
     patch_model(model, config)
     try:
         for f, name in zip(files, names):
-            load_experts(model, f, domain=name, gate=False)
+            load_experts(model, f, domain=name, gate=False)     # checks every tensor, the gate rows too
+        gates = [_read(f, "compose_experts")[1] for f in files] if gate_init == "saved" else []
         with torch.no_grad():
             for i, block in enumerate(mode_blocks(model)):
                 block.gate.weight.zero_()
@@ -280,9 +242,8 @@ def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], 
                 if gate_init == "uniform":
                     continue
                 bb_w, bb_b = [], []
-                for j, f in enumerate(files):
-                    with safe_open(str(f), framework="pt") as h:
-                        w, b = h.get_tensor(f"blocks.{i}.gate.weight"), h.get_tensor(f"blocks.{i}.gate.bias")
+                for j, g in enumerate(gates):
+                    w, b = g[f"blocks.{i}.gate.weight"], g[f"blocks.{i}.gate.bias"]
                     block.gate.weight[j] = w[0].to(block.gate.weight)
                     block.gate.bias[j] = b[0].to(block.gate.bias)
                     bb_w.append(w[1].float())

@@ -22,15 +22,17 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from ..config import MixDAConfig
+from ..mode.config import MoDEConfig
+from ..validate import check_choice, check_int, check_labels, check_name, fail, run_file
 from ..families import family_of
 from ..patching import is_patched, patch_config, patch_model
 from ..saving import load_adapters, save_adapters
 from ..trainable import _head_parameters, count_parameters, mark_trainable
 from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
 from .stage1 import RUN_FILE, RUN_FORMAT
+from ..io import HEAD, LM_HEAD, check_tensors, read_safetensors
 from ..saving import save_safetensors_atomic
 from .task_adapters import (add_task_adapters, has_task_adapters, load_task_adapters,
                             save_task_adapters)
@@ -61,8 +63,33 @@ def read_run(run_dir: Union[str, os.PathLike]) -> dict:
         run = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(path)}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if not isinstance(run, dict):
+        fail(f"{path}", type(run).__name__, "a JSON object (the run manifest)")
     if run.get("format") != RUN_FORMAT:
         raise ValueError(f"{str(path)!r} has format={run.get('format')!r}; expected {RUN_FORMAT!r}")
+    method = check_choice(f"{path}: method", run.get("method", "mixda"), ("mixda", "mode"))
+    stage = check_choice(f"{path}: stage", run.get("stage"), (1, 2))
+    files = run.get("files")
+    if not isinstance(files, dict):
+        fail(f"{path}: files", files, "a dict of file names in the run folder", TypeError)
+    for key, name in files.items():
+        run_file(f"{path}: files[{key!r}]", Path(run_dir), name)
+    required = {("mixda", 1): ("adapters",), ("mixda", 2): ("head",) + (("adapters",) if run.get("config") else ()),
+                ("mode", 1): ("expert", "experts"), ("mode", 2): ("experts",)}[(method, stage)]
+    for key in required:
+        if key not in files:
+            raise ValueError(f"{path}: files={files!r} is not accepted: expected the entry {key!r} of a {method} "
+                             f"stage-{stage} run")
+    config = run.get("config")
+    if config is not None or method == "mode" or stage == 1:
+        (MoDEConfig if method == "mode" else MixDAConfig).from_dict(config, source=f"{path}: config")
+    if stage == 1:
+        check_name(f"{path}: domain", run.get("domain"))
+    if "max_length" in run:
+        check_int(f"{path}: max_length", run["max_length"], 1, cap="MAX_INT")
+    if method == "mixda" and stage == 2:
+        check_choice(f"{path}: task", run.get("task"), TASKS)
+        check_labels(f"{path}: labels", run.get("labels"))
     return run
 
 
@@ -251,10 +278,11 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
         patch_model(model, MixDAConfig.from_dict(run["config"]))
         load_adapters(model, run_dir / run["files"]["adapters"])
         if "lm_head" in run["files"]:
-            _load_named(model, run_dir / run["files"]["lm_head"])
+            _load_named(model, run_dir / run["files"]["lm_head"], LM_HEAD)
     else:
-        model = task_model_class(run["task"]).from_pretrained(str(base), num_labels=len(run["labels"]),
-                                                              local_files_only=True)
+        model, info = task_model_class(run["task"]).from_pretrained(str(base), num_labels=len(run["labels"]),
+                                                                    local_files_only=True, output_loading_info=True)
+        model._mixda_fresh_keys = sorted(info.get("missing_keys", []))   # head.safetensors may hold these
         tokenizer = tf.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -263,21 +291,20 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
             load_adapters(model, run_dir / run["files"]["adapters"])
         if "task_adapters" in run["files"]:
             load_task_adapters(model, run_dir / run["files"]["task_adapters"])
-        _load_named(model, run_dir / run["files"]["head"])
+        _load_named(model, run_dir / run["files"]["head"], HEAD)
     model.eval()
     return model, tokenizer, run
 
 
-def _load_named(model: nn.Module, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ValueError(f"{str(path)!r} holds tensors this model does not have: {unknown[:5]}")
+def _load_named(model: nn.Module, path: Path, fmt: str) -> None:
+    """Load a head file (stage 1's ``lm_head``, stage 2's ``head``) into ``model``. It must hold
+    the head's parameters and may hold those the checkpoint lacked at load (:func:`_head_named`),
+    nothing else (never, e.g., the word embeddings); all is checked before anything is copied."""
+    _, tensors = read_safetensors(path, fmt, "load_run")
+    expected = _head_named(model)
+    head = {id(p) for p in _head_parameters(model)}
+    check_tensors(expected, tensors, f"load_run: {str(path)!r}",
+                  optional=frozenset(n for n, p in expected.items() if id(p) not in head))
     with torch.no_grad():
         for k, t in tensors.items():
-            if tuple(t.shape) != tuple(params[k].shape):
-                raise ValueError(f"{str(path)!r}: tensor {k!r} has shape {tuple(t.shape)}; the model expects "
-                                 f"{tuple(params[k].shape)}")
-            params[k].copy_(t)
+            expected[k].copy_(t)

@@ -35,18 +35,15 @@ from typing import Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-
 from ..families import FamilySpec, family_of
+from ..io import TASK_ADAPTERS as TASK_ADAPTER_FORMAT, check_tensors, read_safetensors, save_safetensors
 from ..patching import base_model_of
-from ..saving import save_safetensors_atomic
 
 __all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_adapter_modules",
            "has_task_adapters", "save_task_adapters", "load_task_adapters", "TASK_ADAPTER_KINDS",
            "TASK_ADAPTER_FORMAT"]
 
 TASK_ADAPTER_KINDS = ("pfeiffer", "houlsby")
-TASK_ADAPTER_FORMAT = "mixda_fast.task_adapters/1"
 _NAMES = {"ffn": "mixda_task_adapter_ffn", "attn": "mixda_task_adapter_attn"}
 _INFO = "_mixda_task_adapter_info"
 
@@ -233,52 +230,40 @@ def save_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
                for key, mod in task_adapter_modules(model).items() for pname, p in mod.named_parameters()}
     info = getattr(model, _INFO)
     metadata = {"format": TASK_ADAPTER_FORMAT, "info": json.dumps(info, sort_keys=True)}
-    save_safetensors_atomic(tensors, path, metadata)
-    return path
+    return save_safetensors(tensors, path, metadata, "save_task_adapters")
 
 
 
 
 def load_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load a file from :func:`save_task_adapters`; adds the adapters first when the model has
-    none (with the file's kind and width). Raises ValueError naming what differs."""
+    none (with the file's kind and width). Raises ValueError naming what differs (names,
+    shapes, non-finite values); on error the model is left as it was."""
     path = Path(path)
     if path.is_dir():
         path = path / "task_adapters.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"load_task_adapters: path={str(path)!r} does not exist; expected a file "
-                                "written by save_task_adapters")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"load_task_adapters: path={str(path)!r} is not a readable safetensors file: {e}") from None
-    if meta.get("format") != TASK_ADAPTER_FORMAT:
-        raise ValueError(f"load_task_adapters: path={str(path)!r} has format={meta.get('format')!r}; "
-                         f"expected {TASK_ADAPTER_FORMAT!r}")
+    meta, tensors = read_safetensors(path, TASK_ADAPTER_FORMAT, "load_task_adapters")
     info = json.loads(meta["info"])
     model_type, _ = family_of(model)
     if info.get("model_type") != model_type:
         raise ValueError(f"load_task_adapters: {str(path)!r} was saved from model_type="
                          f"{info.get('model_type')!r}; this model is {model_type!r}")
-    if not has_task_adapters(model):
+    added = not has_task_adapters(model)
+    if added:
         add_task_adapters(model, info["kind"], info["reduction_factor"])
-    have = getattr(model, _INFO)
-    for key in ("kind", "reduction_factor"):
-        if have[key] != info[key]:
-            raise ValueError(f"load_task_adapters: {str(path)!r} has {key}={info[key]!r}; the model's task "
-                             f"adapters have {key}={have[key]!r}")
-    targets = {f"{key}.{pname}": p for key, mod in task_adapter_modules(model).items()
-               for pname, p in mod.named_parameters()}
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"load_task_adapters: {str(path)!r}: tensor names differ; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for k, p in targets.items():
-        if tuple(tensors[k].shape) != tuple(p.shape):
-            raise ValueError(f"load_task_adapters: {str(path)!r}: tensor {k!r} has shape "
-                             f"{tuple(tensors[k].shape)}; the model expects {tuple(p.shape)}")
+    try:
+        have = getattr(model, _INFO)
+        for key in ("kind", "reduction_factor"):
+            if have[key] != info[key]:
+                raise ValueError(f"load_task_adapters: {str(path)!r} has {key}={info[key]!r}; the model's task "
+                                 f"adapters have {key}={have[key]!r}")
+        targets = {f"{key}.{pname}": p for key, mod in task_adapter_modules(model).items()
+                   for pname, p in mod.named_parameters()}
+        check_tensors(targets, tensors, f"load_task_adapters: {str(path)!r}")
+    except BaseException:
+        if added:                      # a failed load leaves the model as it was
+            remove_task_adapters(model)
+        raise
     with torch.no_grad():
         for k, p in targets.items():
             p.copy_(tensors[k])

@@ -20,16 +20,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import transformers
-from safetensors import safe_open
 
 from .losses import Stage1Model
-from ..saving import replace_atomically, save_safetensors_atomic
+from ..validate import check_float
+from ..io import TRAINABLE, check_tensors, read_safetensors, save_safetensors, write_atomic
 
 __all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
            "training_arguments", "TRAINABLE_FILE"]
@@ -63,6 +64,17 @@ def classification_metrics(eval_pred) -> dict[str, float]:
     return accuracy_and_macro_f1(np.argmax(logits, axis=-1), labels)
 
 
+DEFAULT_SEED = 0
+
+
+def seed_before_init(training_args: Optional[dict]) -> int:
+    """``transformers.set_seed`` with the run's seed *before* any module is created (patch,
+    heads, task adapters): Trainer seeds only when it starts, after the adapters were drawn."""
+    seed = (training_args or {}).get("seed", DEFAULT_SEED)
+    transformers.set_seed(seed)
+    return seed
+
+
 def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArguments:
     """``TrainingArguments`` with the paper's optimiser (AdamW, weight decay 0.05, linear decay)
     and CPU-friendly defaults; keyword arguments override any of them."""
@@ -70,7 +82,7 @@ def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArg
         output_dir=str(output_dir), learning_rate=1e-4, weight_decay=0.05, lr_scheduler_type="linear",
         per_device_train_batch_size=16, per_device_eval_batch_size=32, num_train_epochs=10,
         logging_steps=10, save_strategy="no", report_to="none", remove_unused_columns=False,
-        dataloader_pin_memory=False, disable_tqdm=False, seed=0,
+        dataloader_pin_memory=False, disable_tqdm=False, seed=DEFAULT_SEED,
         # Without a GPU (or other accelerator), use_cpu lets `torchrun --nproc_per_node N` run
         # N CPU processes under DDP (gloo); without it Trainer stays single-process on CPU.
         use_cpu=not _accelerator_available(),
@@ -129,12 +141,9 @@ class MixDATrainer(transformers.Trainer):
     def __init__(self, *args, knowledge_weight: float = 0.5, old_weight: float = 1.0,
                  gate_learning_rate: Optional[float] = None, **kwargs):
         for name, value in (("knowledge_weight", knowledge_weight), ("old_weight", old_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"MixDATrainer: {name}={value!r} is not accepted: expected a float >= 0")
-        if gate_learning_rate is not None and (isinstance(gate_learning_rate, bool) or
-                                               not isinstance(gate_learning_rate, (int, float)) or gate_learning_rate <= 0):
-            raise ValueError(f"MixDATrainer: gate_learning_rate={gate_learning_rate!r} is not accepted: expected None "
-                             "(the learning rate of everything else) or a float > 0")
+            check_float(f"MixDATrainer: {name}", value, 0.0)
+        if gate_learning_rate is not None:      # None: the learning rate of everything else
+            check_float("MixDATrainer: gate_learning_rate", gate_learning_rate, 0.0, lo_open=True)
         self.gate_learning_rate = gate_learning_rate
         super().__init__(*args, **kwargs)
         self.knowledge_weight = float(knowledge_weight)
@@ -195,7 +204,7 @@ class MixDATrainer(transformers.Trainer):
         params = _trainable(_unwrap(self.model))
         tensors = {n: p.detach().contiguous().cpu() for n, p in params.items()}
         path = os.path.join(output_dir, TRAINABLE_FILE)
-        save_safetensors_atomic(tensors, path, {"format": "mixda_fast.trainable/1"})
+        save_safetensors(tensors, path, {"format": TRAINABLE}, "MixDATrainer._save")
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -203,14 +212,9 @@ class MixDATrainer(transformers.Trainer):
         path = os.path.join(resume_from_checkpoint, TRAINABLE_FILE)
         if not os.path.isfile(path):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        _, tensors = read_safetensors(Path(path), TRAINABLE, "MixDATrainer._load_from_checkpoint")
         params = _trainable(model)
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: the checkpoint's trainable "
-                             f"parameters differ from the model's; missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]} (was it written by another stage or model?)")
+        check_tensors(params, tensors, f"resume_from_checkpoint={resume_from_checkpoint!r}: {path!r}")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[n])
@@ -224,10 +228,6 @@ class MixDATrainer(transformers.Trainer):
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """json.dump to a temp file in the same folder, then rename."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-
-    replace_atomically(path, write)
+    """``data`` as indented JSON to ``path`` through :func:`mixda_fast.io.write_atomic`."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
