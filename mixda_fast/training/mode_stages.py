@@ -43,7 +43,7 @@ from .data import KnowledgeCollator, encode_knowledge, load_knowledge
 from .evaluate import _batches, _predicted_logits
 from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
 from .stage1 import RUN_FILE, RUN_FORMAT, load_lm
-from .trainer import MixDATrainer, StepTimer, training_arguments, write_json_atomic
+from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
 
 __all__ = ["run_mode_stage1", "run_mode_stage2", "ModeResult", "LMObjective", "lm_metrics", "load_mode_run",
            "resolve_expert_file", "EXPERTS_FILE", "METHOD"]
@@ -244,6 +244,7 @@ def run_mode_stage1(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     if is_patched(model) and not is_mode_patched(model):
         raise ValueError("run_mode_stage1: model carries a MixDA patch; pass an unpatched model (or one patched "
                          "with a MoDEConfig)")
+    seed_before_init(training_args)
     if not is_mode_patched(model):
         patch_model(model, _stage1_config(config, domain))
     elif config is not None and config is not mode_state(model).config:

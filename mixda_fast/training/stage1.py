@@ -28,7 +28,7 @@ from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_t
                    load_texts)
 from .losses import Stage1Model, is_causal_lm
 from ..saving import save_safetensors_atomic
-from .trainer import MixDATrainer, StepTimer, training_arguments, write_json_atomic
+from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
 
 __all__ = ["default_layers", "load_lm", "run_stage1", "Stage1Result", "RUN_FILE"]
 
@@ -111,6 +111,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     family_of(model)
+    seed_before_init(training_args)
     if not is_patched(model):
         n_layers = len(base_model_of(model).get_submodule(family_of(model)[1].layers))
         config = config or MixDAConfig(domains=[domain], layers=default_layers(n_layers))
