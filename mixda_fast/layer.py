@@ -393,6 +393,8 @@ class MixDAFFN(nn.Module):
         """y (B, T, D) before the host's post-FFN module. When the call collects the
         old-knowledge pairs (:class:`~mixda_fast.call_state.Frame`), (y, f) is appended: the output
         and the same input's output with the adapters off."""
+        if not torch.compiler.is_compiling():           # never compute over a stray meta parameter
+            ops.check_devices("MixDAFFN", x=x, **dict(self.named_parameters()))
         if x.shape[0] == 0 or x.shape[1] == 0:                   # no tokens: nothing for a gate to read
             y = self._down()(self.host_intermediate(x))
             return self._collect(y, y if self.adapters_enabled else None)

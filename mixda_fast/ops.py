@@ -124,6 +124,24 @@ def _autocast_off(backward):
     return wrapper
 
 
+def check_devices(op: str, **tensors) -> None:
+    """Raise one clear RuntimeError when the tensor arguments (tensors, lists of tensors or None)
+    are not all on one device, naming the first argument off the device of the others: a kernel
+    given a meta tensor beside real ones would otherwise run the op's fake (uninitialised memory).
+    All-meta inputs (``torch.compile`` tracing, a model on meta) pass."""
+    named = [(f"{k}[{i}]" if isinstance(v, (list, tuple)) else k, t)
+             for k, v in tensors.items() for i, t in enumerate(v if isinstance(v, (list, tuple)) else [v])
+             if isinstance(t, Tensor)]
+    devices = [t.device for _, t in named]
+    if len(set(devices)) <= 1:
+        return
+    real = [d for d in devices if d.type != "meta"] or devices
+    expected = max(set(real), key=real.count)
+    name, t = next((n, t) for n, t in named if t.device != expected)
+    raise RuntimeError(f"{op}: {name}.device={t.device} is not accepted: expected {expected}, the device of "
+                       "the other tensor arguments (meta only when every input is on meta)")
+
+
 @_autocast
 def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     """``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``.
@@ -131,6 +149,8 @@ def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     logits (R, E), experts (E, R, S, D), same dtype -> (R, S, D) in that dtype; softmax and sums
     in float32 for 16-bit dtypes. Differentiable in both inputs. See ``softmax_combine_ref``.
     """
+    if not torch.compiler.is_compiling():
+        check_devices("softmax_combine", logits=logits, experts=experts)
     if _use_kernel_for(experts):
         return torch.ops.mixda_fast.softmax_combine.default(logits, experts)
     return softmax_combine_ref(logits, experts)
@@ -145,6 +165,8 @@ def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3
     None; act an activation code of ``reference.ACTIVATIONS``. See ``ffn_in_ref``.
     Differentiable in x and the weights.
     """
+    if not torch.compiler.is_compiling():
+        check_devices("ffn_in", x=x, w1=w1, b1=b1, w3=w3, b3=b3)
     if _use_kernel_for(x):
         return torch.ops.mixda_fast.ffn_in.default(x, w1, b1, w3, b3, act)
     return ffn_in_ref(x, w1, b1, w3, b3, act)
@@ -160,6 +182,8 @@ def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: lis
     mixing) or K (residual). ``p[:, :D]`` is the FFN output f. See ``mixda_out_ref``.
     Differentiable in every tensor.
     """
+    if not torch.compiler.is_compiling():
+        check_devices("mixda_out", h=h, z=z, w2=w2, b2=b2, wdown=wdown, bdown=bdown, wup=wup, bup=bup, logits=logits)
     if _use_kernel_for(h):
         return torch.ops.mixda_fast.mixda_out.default(h, z, w2, b2, list(wdown), list(bdown), list(wup),
                                                       list(bup), logits)
@@ -179,6 +203,8 @@ def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 
     ``p > 0``, dropout before each (the ``MixDAGate``). z (N, Din); weights (H_1, Din) ..
     (E, H_{L-1}); biases (H_i,). Masks are keyed by ``seed`` (one int64 CPU tensor; drawn by
     ``dropout_seed`` when None). Differentiable in every tensor. See ``gate_mlp_ref``."""
+    if not torch.compiler.is_compiling():
+        check_devices("gate_mlp", z=z, weights=weights, biases=biases)
     if p > 0 and seed is None:
         seed = dropout_seed()
     if _use_kernel_for(z):
@@ -253,6 +279,7 @@ if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("mixda_fast::softmax_combine")
     def _softmax_combine_fake(logits: Tensor, experts: Tensor) -> Tensor:
+        check_devices("softmax_combine", logits=logits, experts=experts)
         _check_softmax_combine_args(logits, experts)
         _, R, S, D = experts.shape
         return experts.new_empty((R, S, D))
@@ -289,6 +316,7 @@ if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("mixda_fast::ffn_in")
     def _ffn_in_fake(x, w1, b1, w3, b3, act):
+        check_devices("ffn_in", x=x, w1=w1, b1=b1, w3=w3, b3=b3)
         if x.dim() != 2 or w1.dim() != 2 or w1.shape[1] != x.shape[1]:
             raise RuntimeError(f"ffn_in: x must have shape (N, d) and w1 (F, d), got {list(x.shape)} and "
                                f"{list(w1.shape)}")
@@ -338,6 +366,7 @@ if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("mixda_fast::mixda_out")
     def _mixda_out_fake(h, z, w2, b2, wdown, bdown, wup, bup, logits):
+        check_devices("mixda_out", h=h, z=z, w2=w2, b2=b2, wdown=wdown, bdown=bdown, wup=wup, bup=bup, logits=logits)
         if h.dim() != 2 or w2.dim() != 2 or len(wdown) < 1:
             raise RuntimeError(f"mixda_out: h must have shape (N, F), w2 (D, F) and wdown K >= 1 tensors, got "
                                f"{list(h.shape)}, {list(w2.shape)}, {len(wdown)}")
@@ -417,6 +446,7 @@ if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("mixda_fast::gate_mlp")
     def _gate_mlp_fake(z, weights, biases, p=0.0, seed=None):
+        check_devices("gate_mlp", z=z, weights=weights, biases=biases)
         if not 0 <= p < 1 or (p > 0 and seed is None):
             raise RuntimeError(f"gate_mlp: p (the dropout probability) must be in [0, 1), with a seed when "
                                f"p > 0; got p = {p}, seed {'None' if seed is None else 'given'}")
