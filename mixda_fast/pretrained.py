@@ -169,24 +169,15 @@ def load_patched(model_class, path: Union[str, os.PathLike], **kwargs) -> nn.Mod
 
 
 def _read_checked(files: dict[str, Path], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors named in ``targets``, checked (present, shape, finite)."""
     from safetensors import safe_open
 
-    missing = sorted(k for k in targets if k not in files)
-    if missing:
-        raise ValueError(f"load_patched: the checkpoint has no tensor {missing[0]!r} ({len(missing)} missing): "
-                         "it was not saved from a model patched with this config")
+    from .io import check_tensors
+
     out = {}
-    by_file: dict[Path, list] = {}
-    for k in targets:
-        by_file.setdefault(files[k], []).append(k)
-    for file, keys in by_file.items():
+    for file in {files[k] for k in targets if k in files}:
         with safe_open(str(file), framework="pt") as f:
-            for k in keys:
-                t = f.get_tensor(k)
-                if t.shape != targets[k].shape:
-                    raise ValueError(f"load_patched: {file} tensor {k!r} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(targets[k].shape)}")
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"load_patched: {file} tensor {k!r} has non-finite values")
-                out[k] = t
+            out.update({k: f.get_tensor(k) for k in targets if files.get(k) == file})
+    folder = next(iter(files.values())).parent if files else "the checkpoint"
+    check_tensors(targets, out, f"load_patched: {folder}")
     return out
