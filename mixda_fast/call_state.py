@@ -138,8 +138,9 @@ class CallState:
         self.leave()
 
     def register(self, base: nn.Module) -> list:
+        """Handles whose ``remove()`` takes the hooks and the checkpoint wrappers out again."""
         return [base.register_forward_pre_hook(self._pre, with_kwargs=True),
-                base.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
+                base.register_forward_hook(self._post, with_kwargs=True, always_call=True), _Unwrap(self)]
 
     def wrap_checkpointing(self) -> None:
         """Wrap the ``_gradient_checkpointing_func`` HuggingFace set on a layer (at
@@ -166,3 +167,16 @@ class FrameCheckpoint:
         if frame is not None and (frame.captures is not None or frame.stop_after is not None):
             return function(*args)
         return self.inner(functools.partial(self.state.run_in, frame, function), *args, **kwargs)
+
+
+class _Unwrap:
+    """Handle that gives each layer back the checkpoint function HuggingFace installed."""
+
+    def __init__(self, state: CallState):
+        self.state = state
+
+    def remove(self) -> None:
+        for layer in self.state._layers:
+            fn = layer.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(fn, FrameCheckpoint):
+                layer._gradient_checkpointing_func = fn.inner

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mixda_fast as mf
+from mixda_fast.call_state import FrameCheckpoint
 from mixda_fast.training import losses
 from tiny_models import batch, randomize_patch, tiny_model
 
@@ -100,6 +101,12 @@ def test_checkpointing_enabled_before_the_patch_is_exact_too():
     inputs = batch("bert", B=3, T=9)
     got = _grads(model, inputs, checkpointing=True, use_reentrant=False)
     _assert_same(got, _grads(model, inputs, checkpointing=False))
+    model.activation_checkpointing_enable()
+    model(**inputs)
+    layers = list(_layers(model))
+    assert all(isinstance(layer._gradient_checkpointing_func, FrameCheckpoint) for layer in layers)
+    mf.unpatch_model(model)                      # the unpatched model keeps nothing of ours
+    assert not any(isinstance(layer._gradient_checkpointing_func, FrameCheckpoint) for layer in layers)
 
 
 @pytest.mark.usefixtures("one_thread")
