@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .validate import MAX_LAYERS
+from .validate import MAX_LAYERS, check_float, check_int, check_labels, check_name, check_names
 
 __all__ = ["main", "build_parser"]
 
@@ -50,37 +50,27 @@ def _checked(check, parse=None, name="value"):
 
 def _int(lo: int = 1, hi: Optional[int] = None, cap: Optional[str] = "MAX_INT"):
     """An int in lo .. hi (or lo .. validate.<cap>)."""
-    from .validate import check_int
-
     return _checked(lambda v: check_int("", v, lo, hi, cap=None if hi is not None else cap), int, "int")
 
 
 def _float(lo: float = 0.0, *, lo_open: bool = True, hi: Optional[float] = None, hi_open: bool = False,
            cap: Optional[str] = None):
     """A finite float within the bounds (default > 0)."""
-    from .validate import check_float
-
     return _checked(lambda v: check_float("", v, lo, hi, lo_open=lo_open, hi_open=hi_open, cap=cap), float, "float")
 
 
 def _name(text: str) -> str:
     """A domain / expert name that is a safe file name (validate.NAME_RULE)."""
-    from .validate import check_name
-
     return _checked(lambda v: check_name("", v), name="name")(text)
 
 
 def _names(text: str) -> list:
     """Comma-separated unique safe names (--expert-names)."""
-    from .validate import check_names
-
     return _checked(lambda v: check_names("", v.split(","), what="names"), name="names")(text)
 
 
 def _labels(text: str) -> list:
     """Comma-separated unique, non-empty label names (--labels)."""
-    from .validate import check_labels
-
     return _checked(lambda v: check_labels("", v.split(",")), name="labels")(text)
 
 

@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
 import torch.nn as nn
 
 from .call_state import CallState

@@ -80,8 +80,6 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     return save_safetensors(tensors, path, metadata, "save_adapters")
 
 
-save_safetensors_atomic = save_safetensors   # the name other modules import
-
 
 def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None) -> nn.Module:
     """Load a file written by :func:`save_adapters` into a patched model; returns ``model``.

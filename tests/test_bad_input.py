@@ -391,7 +391,6 @@ def test_manifest_malformed_json_and_symlink(tmp_path):
     with _raises(ValueError, "mixda_run.json", "malformed JSON"):
         read_run(tmp_path)
     import json
-    import os
 
     (tmp_path / "link.safetensors").symlink_to("/etc/passwd")
     (tmp_path / "mixda_run.json").write_text(json.dumps({**_GOOD_RUN, "files": {"adapters": "link.safetensors"}}))

@@ -27,7 +27,7 @@ from ..trainable import _head_parameters, count_parameters, mark_trainable
 from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_texts, load_knowledge,
                    load_texts)
 from .losses import Stage1Model, is_causal_lm
-from ..saving import save_safetensors_atomic
+from ..io import LM_HEAD, save_safetensors
 from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
 
 __all__ = ["default_layers", "load_lm", "run_stage1", "Stage1Result", "RUN_FILE"]
@@ -164,8 +164,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         files["adapters"] = save_adapters(model, output_dir).name
         if train_lm_head:
             head = {n: p for n, p in model.named_parameters() if any(p is q for q in _head_parameters(model))}
-            save_safetensors_atomic({n: p.detach().contiguous().cpu() for n, p in head.items()},
-                         output_dir / "lm_head.safetensors", {"format": "mixda_fast.lm_head/1"})
+            save_safetensors({n: p.detach().contiguous().cpu() for n, p in head.items()},
+                             output_dir / "lm_head.safetensors", {"format": LM_HEAD}, "run_stage1")
             files["lm_head"] = "lm_head.safetensors"
         write_json_atomic(str(output_dir / RUN_FILE), {
             "format": RUN_FORMAT, "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],

@@ -32,8 +32,7 @@ from ..saving import load_adapters, save_adapters
 from ..trainable import _head_parameters, count_parameters, mark_trainable
 from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
 from .stage1 import RUN_FILE, RUN_FORMAT
-from ..io import HEAD, LM_HEAD, check_tensors, read_safetensors
-from ..saving import save_safetensors_atomic
+from ..io import HEAD, LM_HEAD, check_tensors, read_safetensors, save_safetensors
 from .task_adapters import (add_task_adapters, has_task_adapters, load_task_adapters,
                             save_task_adapters)
 from .trainer import MixDATrainer, StepTimer, classification_metrics, training_arguments, write_json_atomic
@@ -246,8 +245,8 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
         if has_task_adapters(model):
             files["task_adapters"] = save_task_adapters(model, output_dir).name
         head = _head_named(model)
-        save_safetensors_atomic({n: p.detach().contiguous().cpu() for n, p in head.items()}, output_dir / "head.safetensors",
-                     {"format": "mixda_fast.head/1"})
+        save_safetensors({n: p.detach().contiguous().cpu() for n, p in head.items()}, output_dir / "head.safetensors",
+                         {"format": HEAD}, "run_stage2")
         files["head"] = "head.safetensors"
         write_json_atomic(str(output_dir / RUN_FILE), {
             "format": RUN_FORMAT, "stage": 2, "base_model": base_model_path, "model_type": family_of(model)[0],
