@@ -35,7 +35,7 @@ def _cpu_arch_flags(torch):
     """Compiler flags choosing the vector ISA of the CPU kernels (env MIXDA_FAST_CPU_ARCH).
 
     csrc/cpu/combine.cpp picks ATen's Vectorized implementation from what these flags enable,
-    and records it in the library; mixda_fast/_ext.py refuses to load a build whose ISA the
+    and records it in the library; mixda_fast/ops/_ext.py refuses to load a build whose ISA the
     running CPU lacks (a clear message instead of SIGILL).
 
     - "auto" (default): on x86-64, AVX2 + FMA + F16C (the vector part of x86-64-v3: Haswell /

@@ -5,7 +5,7 @@ inference / training step). Every contender of a case shares one pytest-benchmar
 
 ``extra_info`` of every benchmark holds the case's GEMM FLOPs and its fraction of peak (against
 a 2048^3 GEMM of the same dtype, timed once per session), see ``--benchmark-json``. For the
-interleaved measurement with targets and a plot, use ``python -m mixda_fast.benchmark``.
+interleaved measurement with targets and a plot, use ``python -m mixda_fast.benchmarks.layer``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixda_fast import benchmark as mb
+from mixda_fast.benchmarks import layer as mb
 from mixda_fast import ops
 
 KS = (1, 2, 4, 8)

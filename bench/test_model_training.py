@@ -2,10 +2,10 @@
 trainable parameters and full fine-tuning, on the same model and batch (pytest-benchmark).
 
 One group per (model, tokens, stage), so each group's table reads as a speed-up. The contenders
-and what a step is: :mod:`mixda_fast.training.model_bench`. For the interleaved measurement with
+and what a step is: :mod:`mixda_fast.benchmarks.model`. For the interleaved measurement with
 peak memory and the targets (MixDA step <= 1.0x LoRA, <= 0.5x full fine-tuning), run
 
-    python -m mixda_fast.training.model_bench [--model bert-base --tokens 8x128]
+    python -m mixda_fast.benchmarks.model [--model bert-base --tokens 8x128]
 
     pytest bench/test_model_training.py                     # MiniLM (real weights), 16x64 tokens
     pytest bench/test_model_training.py --bench-full        # also BERT-base shapes (8x128), slow
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixda_fast.training import model_bench as mb
+from mixda_fast.benchmarks import model as mb
 
 CASES = [("minilm", 16, 64, False), ("bert-base", 8, 128, True)]
 _cache: dict = {}

@@ -4,7 +4,7 @@
 // is a pure function of (seed, layer, e), so
 //   - the backward recomputes a mask instead of storing it,
 //   - the result is the same for any thread count, block split or device, and
-//   - mixda_fast/reference.py (philox4x32_10, dropout_keep) reproduces the masks bit for bit.
+//   - mixda_fast/ops/reference.py (philox4x32_10, dropout_keep) reproduces the masks bit for bit.
 //
 // Element e uses word e % 4 of philox(counter = (lo32(e / 4), hi32(e / 4), layer, 0),
 // key = (lo32(seed), hi32(seed))), and is kept when that word >= dropout_threshold(p):

@@ -7,17 +7,17 @@
 See README.md and DESIGN.md; ``python -m mixda_fast.info`` says which kernels were built.
 """
 
-from .config import MixDAConfig
-from .families import FAMILIES, FamilySpec, register_family
-from .layer import MixDAFFN
+from .mixda.config import MixDAConfig
+from .core.families import FAMILIES, FamilySpec, register_family
+from .mixda.layer import MixDAFFN
 from .mode import (MoDEBlock, MoDEConfig, compose_experts, experts_disabled, gate_forced, load_experts,
                    mode_blocks, save_experts)
 from .ops import get_backend, kernels_available, set_backend
-from .patching import adapters_disabled, is_patched, mixda_modules, patch_model, unpatch_model
-from .pretrained import load_patched
-from .saving import AdapterFileNotFoundError, load_adapters, save_adapters
-from .trainable import count_parameters, mark_trainable
-from .training import (add_task_adapters, load_task_adapters, remove_task_adapters, save_task_adapters,
+from .mixda.patching import adapters_disabled, is_patched, mixda_modules, patch_model, unpatch_model
+from .core.pretrained import load_patched
+from .mixda.saving import AdapterFileNotFoundError, load_adapters, save_adapters
+from .mixda.trainable import count_parameters, mark_trainable
+from .task_adapters import (add_task_adapters, load_task_adapters, remove_task_adapters, save_task_adapters,
                        task_adapter_modules)
 
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .validate import MAX_LAYERS, check_float, check_int, check_labels, check_name, check_names
+from .core.validate import MAX_LAYERS, check_float, check_int, check_labels, check_name, check_names
 
 __all__ = ["main", "build_parser"]
 
@@ -86,8 +86,8 @@ def _output_dir(text: str) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """``mixda-fast bench ARGS`` is ``python -m mixda_fast.benchmark ARGS`` (its --help lists them)."""
-    from . import benchmark
+    """``mixda-fast bench ARGS`` is ``python -m mixda_fast.benchmarks.layer ARGS`` (its --help lists them)."""
+    from .benchmarks import layer as benchmark
 
     return benchmark.main(args.bench_args, prog="mixda-fast bench")
 
@@ -197,7 +197,7 @@ def _mode_stage1(args: argparse.Namespace) -> int:
     from .mode.config import MoDEConfig
     from .training.data import load_knowledge
     from .training.mode_stages import run_mode_stage1
-    from .training.stage1 import load_lm
+    from .training.mixda_stage1 import load_lm
 
     for f in (args.knowledge, args.eval):               # validate the data before loading the model
         if f:
@@ -220,7 +220,7 @@ def _mode_stage1(args: argparse.Namespace) -> int:
 def _mode_stage2(args: argparse.Namespace) -> int:
     from .training.data import load_knowledge
     from .training.mode_stages import resolve_expert_file, run_mode_stage2
-    from .training.stage1 import load_lm
+    from .training.mixda_stage1 import load_lm
 
     if not args.experts:
         raise ValueError("--method mode needs --experts DIR [DIR ...]: the output folders of "
@@ -262,9 +262,9 @@ def _stage1(args: argparse.Namespace) -> int:
     _resolve_method_options(args)
     if args.method == "mode":
         return _mode_stage1(args)
-    from .config import MixDAConfig
+    from .mixda.config import MixDAConfig
     from .training.data import load_knowledge, load_texts
-    from .training.stage1 import default_layers, load_lm, run_stage1
+    from .training.mixda_stage1 import default_layers, load_lm, run_stage1
 
     knowledge = load_knowledge(args.knowledge)          # validate the data before loading the model
     general = load_texts(args.general) if args.general else None
@@ -272,8 +272,8 @@ def _stage1(args: argparse.Namespace) -> int:
     _warn_missing_head(model, missing, args.model,
                        "; --train-lm-head trains it with the adapters" if not args.train_lm_head else
                        " and trains with the adapters (--train-lm-head)")
-    from .families import family_of
-    from .patching import base_model_of
+    from .core.families import family_of
+    from .mixda.patching import base_model_of
 
     n_layers = len(base_model_of(model).get_submodule(family_of(model)[1].layers))
     config = MixDAConfig(domains=[args.domain], layers=args.layers or default_layers(n_layers),
@@ -301,7 +301,7 @@ def _stage2(args: argparse.Namespace) -> int:
     import transformers as tf
 
     from .training.data import load_task
-    from .training.stage2 import build_stage2_model, read_run, run_stage2
+    from .training.mixda_stage2 import build_stage2_model, read_run, run_stage2
 
     if len(args.train) != 1:
         raise ValueError(f"--train takes one task file for MixDA stage 2; got {len(args.train)} "
@@ -335,7 +335,7 @@ def _stage2(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     _setup(args)
     from .training.evaluate import evaluate_task, fact_exact_match
-    from .training.stage2 import load_run, read_run
+    from .training.mixda_stage2 import load_run, read_run
 
     run = read_run(args.run)
     if run.get("method", "mixda") == "mode":
@@ -365,7 +365,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo.run import main as demo_main
+    from .demo.mixda import main as demo_main
 
     return demo_main(args)
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from . import _ext, ops
+from .ops import _ext
+from . import ops
 
 __all__ = ["collect_info", "main"]
 

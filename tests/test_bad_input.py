@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mixda_fast as mf
-from mixda_fast import patching
+from mixda_fast.mixda import patching
 from tiny_models import batch, tiny_model
 
 
@@ -206,7 +206,7 @@ def test_save_replaces_atomically(saved, tmp_path, monkeypatch):
     """A save that fails half-way leaves the earlier file intact and no temporary behind."""
     model, path = saved
     original = path.read_bytes()
-    import mixda_fast.io as io
+    import mixda_fast.core.io as io
 
     def failing_save(tensors, metadata=None):
         raise OSError("disk full")
@@ -266,7 +266,7 @@ def test_mixda_config_caps(kwargs, field):
     (dict(num_experts=1025), "num_experts"),
 ])
 def test_mode_config_caps(kwargs, field):
-    with _raises(ValueError, f"MoDEConfig.{field}=", "mixda_fast.validate.MAX_"):
+    with _raises(ValueError, f"MoDEConfig.{field}=", "mixda_fast.core.validate.MAX_"):
         mf.MoDEConfig(**kwargs)
 
 
@@ -374,7 +374,7 @@ _GOOD_RUN = {"format": "mixda_fast.run/1", "stage": 1, "domain": "bio", "model_t
 def test_manifest_refused(change, fragments, tmp_path):
     import json
 
-    from mixda_fast.training.stage2 import read_run
+    from mixda_fast.training.mixda_stage2 import read_run
 
     run = [1, 2] if change is None else {**_GOOD_RUN, **change}
     (tmp_path / "mixda_run.json").write_text(json.dumps(run))
@@ -385,7 +385,7 @@ def test_manifest_refused(change, fragments, tmp_path):
 
 
 def test_manifest_malformed_json_and_symlink(tmp_path):
-    from mixda_fast.training.stage2 import read_run
+    from mixda_fast.training.mixda_stage2 import read_run
 
     (tmp_path / "mixda_run.json").write_text("{oops")
     with _raises(ValueError, "mixda_run.json", "malformed JSON"):

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mixda_fast as mf
-import mixda_fast.io as mio
-from mixda_fast.training import add_task_adapters, load_task_adapters, save_task_adapters
-from mixda_fast.training.stage2 import _head_named, _load_named
+import mixda_fast.core.io as mio
+from mixda_fast.task_adapters import add_task_adapters, load_task_adapters, save_task_adapters
+from mixda_fast.training.mixda_stage2 import _head_named, _load_named
 from mixda_fast.training.trainer import TRAINABLE_FILE, MixDATrainer, write_json_atomic
 from tiny_models import tiny_model
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mixda_fast.cli import main
-from test_training_helpers import easy_task_rows, save_checkpoint, write_data, write_jsonl
+from training_helpers import easy_task_rows, save_checkpoint, write_data, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 import mixda_fast as mf
-from mixda_fast.pretrained import CONFIG_KEY
+from mixda_fast.core.pretrained import CONFIG_KEY
 from tiny_models import DECODERS, batch, randomize_patch, tiny_model
 
 CASES = [("bert", "mixda"), ("roberta", "mixda"), ("gpt2", "mixda"), ("llama", "mixda"), ("bert", "mode"),
@@ -46,7 +46,7 @@ def test_plain_from_pretrained_gets_every_base_weight(tmp_path, family, method):
     saved = json.loads((tmp_path / "config.json").read_text())[CONFIG_KEY]
     assert saved["method"] == method
     if method == "mixda":
-        assert saved["config"] == mf.patching.patch_config(model).to_dict()
+        assert saved["config"] == mf.mixda.patching.patch_config(model).to_dict()
     plain, info = _lm_class(family).from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"]                                          # nothing initialised at random
     assert plain.state_dict().keys() == original.keys()

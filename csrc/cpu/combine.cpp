@@ -40,7 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-// Read (as bytes, without loading the library) by mixda_fast/_ext.py, which refuses to load a
+// Read (as bytes, without loading the library) by mixda_fast/ops/_ext.py, which refuses to load a
 // build whose vector ISA the running CPU lacks instead of dying with SIGILL.
 extern "C" __attribute__((used)) const char mixda_fast_cpu_isa_marker[] =
     "mixda_fast_cpu_isa=" MIXDA_FAST_CPU_ISA;

@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..call_state import CallState
-from ..families import FamilySpec, linear_weight
+from ..core.call_state import CallState
+from ..core.families import FamilySpec, linear_weight
 
 __all__ = ["MoDEBlock", "BATCHED_TAILS"]
 

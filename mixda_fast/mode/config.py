@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..validate import check_choice, check_int, check_names, config_from_dict, config_from_json, fail
+from ..core.validate import check_choice, check_int, check_names, config_from_dict, config_from_json, fail
 
 __all__ = ["MoDEConfig", "EXPERT_INITS", "EXECUTIONS"]
 

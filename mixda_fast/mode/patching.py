@@ -27,9 +27,9 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 
-from ..call_state import CallState
-from ..families import FamilySpec, family_of, linear_weight
-from ..pretrained import record_patch
+from ..core.call_state import CallState
+from ..core.families import FamilySpec, family_of, linear_weight
+from ..core.pretrained import record_patch
 from .block import MoDEBlock
 from .config import MoDEConfig
 

@@ -6,7 +6,7 @@ builds an (N+1)-way model from N such files with :func:`compose_experts`. ``doma
 or loads the whole patch (every expert and the full gates). Loading checks the family, the layer
 class, the depth, the width, the blocks and the expert depth strictly and says what differs, and
 every tensor (gate rows included) by name, shape and finiteness before any is copied; files are
-written with :func:`mixda_fast.io.save_safetensors` (atomic; never over another kind of file).
+written with :func:`mixda_fast.core.io.save_safetensors` (atomic; never over another kind of file).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from ..io import EXPERTS as FORMAT, check_tensors, read_safetensors, save_safetensors
-from ..saving import _as_path
+from ..core.io import EXPERTS as FORMAT, check_tensors, read_safetensors, save_safetensors
+from ..mixda.saving import _as_path
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
@@ -196,7 +196,7 @@ def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], 
     model exactly); ``"uniform"``: all zeros (equal weights). Returns ``model``; on error the
     model is left unpatched.
     """
-    from ..patching import is_patched, patch_model, unpatch_model
+    from ..mixda.patching import is_patched, patch_model, unpatch_model
 
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)) or not paths:
         raise TypeError(f"compose_experts: paths={paths!r} is not accepted: expected a non-empty list of expert files")

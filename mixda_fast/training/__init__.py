@@ -13,12 +13,9 @@ The task-adapter functions are imported eagerly (torch only); the rest loads tra
 datasets, so it is imported on first use (``mixda_fast.training.run_stage1`` works).
 """
 
-from .task_adapters import (TaskAdapter, add_task_adapters, has_task_adapters, load_task_adapters,
-                            remove_task_adapters, save_task_adapters, task_adapter_modules)
-
 _LAZY = {
-    "run_stage1": "stage1", "load_lm": "stage1", "default_layers": "stage1",
-    "run_stage2": "stage2", "build_stage2_model": "stage2", "load_run": "stage2", "read_run": "stage2",
+    "run_stage1": "mixda_stage1", "load_lm": "mixda_stage1", "default_layers": "mixda_stage1",
+    "run_stage2": "mixda_stage2", "build_stage2_model": "mixda_stage2", "load_run": "mixda_stage2", "read_run": "mixda_stage2",
     "MixDATrainer": "trainer", "training_arguments": "trainer", "accuracy_and_macro_f1": "trainer",
     "Stage1Model": "losses", "knowledge_loss": "losses", "old_knowledge_loss": "losses",
     "fact_exact_match": "evaluate", "evaluate_task": "evaluate", "general_drift": "evaluate",
@@ -28,8 +25,7 @@ _LAZY = {
     "load_mode_run": "mode_stages",
 }
 
-__all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_adapter_modules",
-           "has_task_adapters", "save_task_adapters", "load_task_adapters", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..validate import MAX_CLASSES, check_labels
+from ..core.validate import MAX_CLASSES, check_labels
 
 __all__ = ["DataFileError", "read_records", "load_knowledge", "load_texts", "load_task",
            "kshot_sample", "split_prompt", "encode_knowledge", "encode_texts", "encode_task",
@@ -240,7 +240,7 @@ def load_task(path: PathLike, task: str = "classification", labels: Optional[Seq
                 if max(labels) >= MAX_CLASSES:
                     raise DataFileError(path, next(r[0] for r in raw if r[3] >= MAX_CLASSES),
                                         f"field 'label' = {max(labels)} is not accepted: expected a class id 0 .. "
-                                        f"{MAX_CLASSES - 1} (mixda_fast.validate.MAX_CLASSES)")
+                                        f"{MAX_CLASSES - 1} (mixda_fast.core.validate.MAX_CLASSES)")
                 labels = list(range(max(labels) + 1))
         labels = check_labels(f"load_task: {path}: labels", labels)     # also: at most MAX_CLASSES
         index = {lab: i for i, lab in enumerate(labels)}

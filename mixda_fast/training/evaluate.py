@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..patching import base_model_of
+from ..mixda.patching import base_model_of
 from .data import KnowledgeCollator, TaskCollator, encode_knowledge, encode_task, encode_texts, load_knowledge, \
     load_task, load_texts
 from .losses import is_causal_lm, lm_head_of

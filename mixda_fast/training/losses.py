@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..call_state import StopForward
-from ..patching import base_model_of, is_patched, patch_state
+from ..core.call_state import StopForward
+from ..mixda.patching import base_model_of, is_patched, patch_state
 
 __all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "ModelObjective", "Stage1Model", "is_causal_lm"]
 

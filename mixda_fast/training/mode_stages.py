@@ -33,16 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..families import family_of
+from ..core.families import family_of
 from ..mode.config import MoDEConfig
 from ..mode.patching import is_mode_patched, mode_state
 from ..mode.saving import compose_experts, load_experts, save_experts
-from ..patching import is_patched, patch_model
-from ..trainable import count_parameters, mark_trainable
+from ..mixda.patching import is_patched, patch_model
+from ..mixda.trainable import count_parameters, mark_trainable
 from .data import KnowledgeCollator, encode_knowledge, load_knowledge
 from .evaluate import _batches, _predicted_logits
 from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
-from .stage1 import RUN_FILE, RUN_FORMAT, load_lm
+from .mixda_stage1 import RUN_FILE, RUN_FORMAT, load_lm
 from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
 
 __all__ = ["run_mode_stage1", "run_mode_stage2", "ModeResult", "LMObjective", "lm_metrics", "load_mode_run",
@@ -156,7 +156,7 @@ def _cache_off(model: nn.Module) -> Iterator[None]:
 
 def resolve_expert_file(path: Union[str, os.PathLike]) -> Path:
     """The one-expert file of a MoDE stage-1 output folder (or ``path`` itself when it is a file)."""
-    from .stage2 import read_run
+    from .mixda_stage2 import read_run
 
     p = Path(path)
     if not p.exists():
@@ -314,7 +314,7 @@ def run_mode_stage2(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
 def load_mode_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None):
     """(model, tokenizer, manifest) rebuilt from a MoDE stage-1 or stage-2 output folder;
     ``base_model`` overrides the checkpoint folder recorded in the manifest."""
-    from .stage2 import read_run
+    from .mixda_stage2 import read_run
 
     run_dir = Path(run_dir)
     run = read_run(run_dir)

@@ -29,8 +29,8 @@ import torch.nn as nn
 import transformers
 
 from .losses import Stage1Model
-from ..validate import check_float
-from ..io import TRAINABLE, check_tensors, read_safetensors, save_safetensors, write_atomic
+from ..core.validate import check_float
+from ..core.io import TRAINABLE, check_tensors, read_safetensors, save_safetensors, write_atomic
 
 __all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
            "training_arguments", "TRAINABLE_FILE"]
@@ -179,7 +179,7 @@ class MixDATrainer(transformers.Trainer):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        from ..layer import MixDAGate
+        from ..mixda.layer import MixDAGate
         from ..mode.block import MoDEBlock
 
         gate = {id(p) for m in opt_model.modules() if isinstance(m, MixDAGate) for p in m.parameters()}
@@ -228,6 +228,6 @@ class MixDATrainer(transformers.Trainer):
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """``data`` as indented JSON to ``path`` through :func:`mixda_fast.io.write_atomic`."""
+    """``data`` as indented JSON to ``path`` through :func:`mixda_fast.core.io.write_atomic`."""
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,0 +1,484 @@
+"""The one place that chooses between the compiled kernels and the pure-torch references.
+
+Layer code calls the functions here (``softmax_combine``, ...) and never branches on the backend.
+The backend is process-wide:
+
+- ``"auto"`` (default): the kernels where the extension has one for the tensors' device, else
+  the reference.
+- ``"cpp"``: the same, but asking for it without a built extension is an error.
+- ``"torch"``: always the pure-torch reference (``mixda_fast.ops.reference``).
+
+Initial value from the environment variable ``MIXDA_FAST_BACKEND``; change it with
+``set_backend``. The choice is a plain Python branch on module globals, so ``torch.compile``
+traces it, guards on it and recompiles when it changes. For the compiled path this module also
+registers, per op, a fake (meta) impl and the autograd formula (the pytorch/extension-cpp way),
+so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` accept the ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from .reference import _check_softmax_combine_args, ffn_in_ref, gate_mlp_ref, mixda_out_ref, softmax_combine_ref
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "softmax_combine",
+           "ffn_in", "mixda_out", "gate_mlp", "dropout_seed", "packed_rows",
+           "runs_kernels_for"]
+
+BACKENDS = ("auto", "cpp", "torch")
+BACKEND_ENV = "MIXDA_FAST_BACKEND"
+
+# Device types with compiled kernels, fixed once the extension is loaded.
+_KERNEL_DEVICES = frozenset(_ext.built_devices())
+
+
+def _resolve(name: str, what: str) -> bool:
+    """Validate a backend name (``what`` names where it came from); True if it selects the kernels."""
+    if name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    if name == "cpp" and not _ext.EXT_AVAILABLE:
+        raise RuntimeError(f"{what}={name!r} needs the compiled extension mixda_fast._C, "
+                           f"which is not available: {_ext.EXT_ERROR}")
+    return name != "torch" and _ext.EXT_AVAILABLE
+
+
+_backend: str = os.environ.get(BACKEND_ENV, "auto")                       # what was asked for
+_use_kernels: bool = _resolve(_backend, f"environment variable {BACKEND_ENV}")  # what the ops read
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation of every op: "auto", "cpp" (compiled kernels) or "torch" (reference)."""
+    global _backend, _use_kernels
+    _use_kernels = _resolve(name, "set_backend(name)")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend name last set ("auto", "cpp" or "torch")."""
+    return _backend
+
+
+def kernels_available() -> bool:
+    """True when the compiled extension is loaded and has kernels for at least one device."""
+    return _ext.EXT_AVAILABLE and bool(_KERNEL_DEVICES)
+
+
+def _use_kernel_for(t: Tensor) -> bool:
+    return _use_kernels and t.device.type in _KERNEL_DEVICES
+
+
+def runs_kernels_for(t: Tensor) -> bool:
+    """True when the ops, called with tensors on ``t``'s device, run the compiled kernels (the
+    backend allows them and the extension has kernels for that device), not the references."""
+    return _use_kernel_for(t)
+
+
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype of ``t``'s device when autocast is on there, else None."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors other than float64 (in lists too) to ``dtype``: what autocast does to the
+    inputs of ``nn.Linear``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def _autocast(fn):
+    """Under autocast the ops compute in its dtype, as ``nn.Linear`` does: floating inputs are
+    cast to it and the op runs with autocast off (the kernels' own GEMMs must not be cast again)."""
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs):
+        dtype = _autocast_dtype(first)
+        if dtype is None:
+            return fn(first, *args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*_cast((first, *args), dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
+    return wrapper
+
+
+def _autocast_off(backward):
+    """An autograd backward run with autocast off (a backward called inside an autocast region
+    would otherwise cast the kernels' GEMMs)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        t = next((g for g in grads if isinstance(g, Tensor)), None)
+        if t is None or _autocast_dtype(t) is None:
+            return backward(ctx, *grads)
+        with torch.autocast(t.device.type, enabled=False):
+            return backward(ctx, *grads)
+    return wrapper
+
+
+def check_devices(op: str, **tensors) -> None:
+    """Raise one clear RuntimeError when the tensor arguments (tensors, lists of tensors or None)
+    are not all on one device, naming the first argument off the device of the others: a kernel
+    given a meta tensor beside real ones would otherwise run the op's fake (uninitialised memory).
+    All-meta inputs (``torch.compile`` tracing, a model on meta) pass."""
+    named = [(f"{k}[{i}]" if isinstance(v, (list, tuple)) else k, t)
+             for k, v in tensors.items() for i, t in enumerate(v if isinstance(v, (list, tuple)) else [v])
+             if isinstance(t, Tensor)]
+    devices = [t.device for _, t in named]
+    if len(set(devices)) <= 1:
+        return
+    real = [d for d in devices if d.type != "meta"] or devices
+    expected = max(set(real), key=real.count)
+    name, t = next((n, t) for n, t in named if t.device != expected)
+    raise RuntimeError(f"{op}: {name}.device={t.device} is not accepted: expected {expected}, the device of "
+                       "the other tensor arguments (meta only when every input is on meta)")
+
+
+@_autocast
+def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
+    """``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``.
+
+    logits (R, E), experts (E, R, S, D), same dtype -> (R, S, D) in that dtype; softmax and sums
+    in float32 for 16-bit dtypes. Differentiable in both inputs. See ``softmax_combine_ref``.
+    """
+    if not torch.compiler.is_compiling():
+        check_devices("softmax_combine", logits=logits, experts=experts)
+    if _use_kernel_for(experts):
+        return torch.ops.mixda_fast.softmax_combine.default(logits, experts)
+    return softmax_combine_ref(logits, experts)
+
+
+@_autocast
+def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
+           act: int) -> tuple[Tensor, Tensor]:
+    """The host FFN's first GEMM with its activation as the epilogue: (h (N, F), pre).
+
+    x (N, d); w1, w3 (F, d) (w3: the up projection of a gated MLP, else None); biases (F,) or
+    None; act an activation code of ``reference.ACTIVATIONS``. See ``ffn_in_ref``.
+    Differentiable in x and the weights.
+    """
+    if not torch.compiler.is_compiling():
+        check_devices("ffn_in", x=x, w1=w1, b1=b1, w3=w3, b3=b3)
+    if _use_kernel_for(x):
+        return torch.ops.mixda_fast.ffn_in.default(x, w1, b1, w3, b3, act)
+    return ffn_in_ref(x, w1, b1, w3, b3, act)
+
+
+@_autocast
+def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: list[Tensor], bdown: list[Tensor],
+              wup: list[Tensor], bup: list[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
+    """FFN output + K adapters + gate softmax and mix in one op: (y (N, D), p (N, D + K r)).
+
+    h (N, F), z (N, Din) (z may be h), w2 (D, F), b2 (D,) or None, K adapters' wdown (r, Din),
+    bdown (r,), wup (D, r), bup (D,), logits (R, E) with R dividing N, E = K + 1 (paper
+    mixing) or K (residual). ``p[:, :D]`` is the FFN output f. See ``mixda_out_ref``.
+    Differentiable in every tensor.
+    """
+    if not torch.compiler.is_compiling():
+        check_devices("mixda_out", h=h, z=z, w2=w2, b2=b2, wdown=wdown, bdown=bdown, wup=wup, bup=bup, logits=logits)
+    if _use_kernel_for(h):
+        return torch.ops.mixda_fast.mixda_out.default(h, z, w2, b2, list(wdown), list(bdown), list(wup),
+                                                      list(bup), logits)
+    return mixda_out_ref(h, z, w2, b2, wdown, bdown, wup, bup, logits)
+
+
+def dropout_seed() -> Tensor:
+    """A key for the counter-based dropout masks of ``gate_mlp``: one int64 drawn from torch's
+    default CPU generator, so ``torch.manual_seed`` makes the masks reproducible."""
+    return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64, device="cpu")
+
+
+@_autocast
+def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 0.0,
+             seed: Optional[Tensor] = None) -> Tensor:
+    """The gate MLP in one op: logits (N, E) of Linear layers with ReLU between them and, with
+    ``p > 0``, dropout before each (the ``MixDAGate``). z (N, Din); weights (H_1, Din) ..
+    (E, H_{L-1}); biases (H_i,). Masks are keyed by ``seed`` (one int64 CPU tensor; drawn by
+    ``dropout_seed`` when None). Differentiable in every tensor. See ``gate_mlp_ref``."""
+    if not torch.compiler.is_compiling():
+        check_devices("gate_mlp", z=z, weights=weights, biases=biases)
+    if p > 0 and seed is None:
+        seed = dropout_seed()
+    if _use_kernel_for(z):
+        return torch.ops.mixda_fast.gate_mlp.default(z, list(weights), list(biases), p, seed)[0]
+    return gate_mlp_ref(z, weights, biases, p, seed)[0]
+
+
+def packed_rows(ts) -> Optional[Tensor]:
+    """Mirror of csrc/packed_rows.h: if the tensors are contiguous, of one dtype and trailing shape
+    (first sizes may differ), and lie back to back in one storage (``MixDAFFN.pack_adapters``), a
+    (sum of first sizes, ...) view over all of them (``ts[0]`` for one tensor); else None. Always
+    None while tracing (fake tensors have no storage to compare), where the unpacked path is
+    exactly as correct."""
+    ts = list(ts)
+    if not ts or torch.compiler.is_compiling():
+        return None
+    t0 = ts[0]
+    if (type(t0) not in (Tensor, torch.nn.Parameter) or t0.dim() < 1 or not t0.is_contiguous()
+            or t0.device.type not in ("cpu", "cuda") or t0.is_inference()):
+        return None
+    if len(ts) == 1:
+        return t0
+    base, nxt, rows = t0.untyped_storage().data_ptr(), t0.storage_offset() + t0.numel(), t0.shape[0]
+    for t in ts[1:]:
+        if (type(t) not in (Tensor, torch.nn.Parameter) or not t.is_contiguous() or t.dim() != t0.dim()
+                or t.is_inference()
+                or t.shape[1:] != t0.shape[1:] or t.dtype != t0.dtype or t.device != t0.device
+                or t.untyped_storage().data_ptr() != base or t.storage_offset() != nxt):
+            return None
+        nxt += t.numel()
+        rows += t.shape[0]
+    size = (rows, *t0.shape[1:])
+    stride = [1] * len(size)
+    for d in range(len(size) - 2, -1, -1):
+        stride[d] = stride[d + 1] * size[d + 1]
+    return t0.as_strided(size, stride, t0.storage_offset())
+
+
+def _fp32_gemm_for_16bit() -> bool:
+    """True when this CPU has no native bf16/fp16 dot products (no AVX512-BF16 / AMX): there a
+    bf16 GEMM runs ~4x slower than the same GEMM in float32, so the kernels compute 16-bit
+    inputs in float32 (exact products, float32 accumulation). Mirrors csrc/cpu/mixda_ffn.cpp."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except AttributeError:
+        return True
+    return not (caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+_FP32_GEMM_FOR_16BIT = _fp32_gemm_for_16bit()
+_16BIT = (torch.bfloat16, torch.float16)
+
+
+def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ b in the dtype the kernels compute in (see ``_fp32_gemm_for_16bit``), cast to out_dtype."""
+    if a.device.type == "cpu" and _FP32_GEMM_FOR_16BIT and (a.dtype in _16BIT or b.dtype in _16BIT):
+        return (a.float() @ b.float()).to(out_dtype)
+    return (a @ b.to(a.dtype)).to(out_dtype)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _needs(flag) -> bool:
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
+# ---- fake impls and autograd of the compiled ops (registered only when they exist) ----------
+
+if _ext.EXT_AVAILABLE:
+
+    @torch.library.register_fake("mixda_fast::softmax_combine")
+    def _softmax_combine_fake(logits: Tensor, experts: Tensor) -> Tensor:
+        check_devices("softmax_combine", logits=logits, experts=experts)
+        _check_softmax_combine_args(logits, experts)
+        _, R, S, D = experts.shape
+        return experts.new_empty((R, S, D))
+
+    @torch.library.register_fake("mixda_fast::softmax_combine_backward")
+    def _softmax_combine_backward_fake(grad_out: Tensor, logits: Tensor, experts: Tensor):
+        op = "softmax_combine_backward"
+        _check_softmax_combine_args(logits, experts, op)
+        if grad_out.shape != experts.shape[1:]:
+            raise RuntimeError(f"{op}: grad_out must have shape (R, S, D) = {list(experts.shape[1:])} "
+                               f"(experts.shape[1:]), got {list(grad_out.shape)}")
+        if grad_out.dtype != experts.dtype:
+            raise RuntimeError(f"{op}: grad_out must have the same dtype as experts ({experts.dtype}), "
+                               f"got {grad_out.dtype}")
+        return logits.new_empty(logits.shape), experts.new_empty(experts.shape)
+
+    def _softmax_combine_setup_context(ctx, inputs, output) -> None:
+        logits, experts = inputs
+        ctx.save_for_backward(logits, experts)  # w is recomputed in backward: (R, E) is cheap
+
+    @_autocast_off
+    def _softmax_combine_backward(ctx, grad_out: Tensor):
+        logits, experts = ctx.saved_tensors
+        grad_logits, grad_experts = torch.ops.mixda_fast.softmax_combine_backward.default(
+            grad_out, logits, experts)
+        return (grad_logits if ctx.needs_input_grad[0] else None,
+                grad_experts if ctx.needs_input_grad[1] else None)
+
+    torch.library.register_autograd(
+        "mixda_fast::softmax_combine", _softmax_combine_backward,
+        setup_context=_softmax_combine_setup_context)
+
+    # -- ffn_in ---------------------------------------------------------------------------------
+
+    @torch.library.register_fake("mixda_fast::ffn_in")
+    def _ffn_in_fake(x, w1, b1, w3, b3, act):
+        check_devices("ffn_in", x=x, w1=w1, b1=b1, w3=w3, b3=b3)
+        if x.dim() != 2 or w1.dim() != 2 or w1.shape[1] != x.shape[1]:
+            raise RuntimeError(f"ffn_in: x must have shape (N, d) and w1 (F, d), got {list(x.shape)} and "
+                               f"{list(w1.shape)}")
+        N, F_ = x.shape[0], w1.shape[0]
+        return x.new_empty((N, F_)), x.new_empty((N, 2 * F_ if w3 is not None else F_))
+
+    @torch.library.register_fake("mixda_fast::ffn_in_backward")
+    def _ffn_in_backward_fake(grad_h, pre, act):
+        return pre.new_empty(pre.shape)
+
+    def _ffn_in_setup_context(ctx, inputs, output) -> None:
+        x, w1, b1, w3, b3, act = inputs
+        ctx.act = act
+        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b3 is None else b3.dtype)
+        ctx.save_for_backward(x, w1, w3, output[1])
+        ctx.set_materialize_grads(False)    # pre is for the backward: no zero (N, F) gradient for it
+
+    @_autocast_off
+    def _ffn_in_backward(ctx, grad_h: Optional[Tensor], grad_pre: Optional[Tensor]):
+        x, w1, w3, pre = ctx.saved_tensors
+        if grad_h is None:
+            grad_h = pre.new_zeros((pre.shape[0], w1.shape[0]))
+        gp = torch.ops.mixda_fast.ffn_in_backward.default(grad_h.contiguous(), pre, ctx.act)
+        if grad_pre is not None:
+            gp = gp + grad_pre
+        F_ = w1.shape[0]
+        g1, g3 = (gp, None) if w3 is None else (gp[:, :F_], gp[:, F_:])
+        need = ctx.needs_input_grad
+        grad_x = grad_w1 = grad_b1 = grad_w3 = grad_b3 = None
+        if need[0]:
+            grad_x = _mm(g1, w1, x.dtype)
+            if w3 is not None:
+                grad_x = grad_x + _mm(g3, w3, x.dtype)
+        if need[1]:
+            grad_w1 = _mm(g1.t(), x, w1.dtype)
+        if need[2]:
+            grad_b1 = g1.sum(0, dtype=_acc(gp.dtype)).to(ctx.bias_dtypes[0])
+        if w3 is not None and need[3]:
+            grad_w3 = _mm(g3.t(), x, w3.dtype)
+        if w3 is not None and need[4]:
+            grad_b3 = g3.sum(0, dtype=_acc(gp.dtype)).to(ctx.bias_dtypes[1])
+        return grad_x, grad_w1, grad_b1, grad_w3, grad_b3, None
+
+    torch.library.register_autograd("mixda_fast::ffn_in", _ffn_in_backward, setup_context=_ffn_in_setup_context)
+
+    # -- mixda_out ------------------------------------------------------------------------------
+
+    @torch.library.register_fake("mixda_fast::mixda_out")
+    def _mixda_out_fake(h, z, w2, b2, wdown, bdown, wup, bup, logits):
+        check_devices("mixda_out", h=h, z=z, w2=w2, b2=b2, wdown=wdown, bdown=bdown, wup=wup, bup=bup, logits=logits)
+        if h.dim() != 2 or w2.dim() != 2 or len(wdown) < 1:
+            raise RuntimeError(f"mixda_out: h must have shape (N, F), w2 (D, F) and wdown K >= 1 tensors, got "
+                               f"{list(h.shape)}, {list(w2.shape)}, {len(wdown)}")
+        N, D, K, r = h.shape[0], w2.shape[0], len(wdown), wdown[0].shape[0]
+        return h.new_empty((N, D)), h.new_empty((N, D + K * r))
+
+    @torch.library.register_fake("mixda_fast::mixda_out_backward")
+    def _mixda_out_backward_fake(grad_y, p, logits, wup, bup):
+        N, K = p.shape[0], len(wup)
+        D, r = wup[0].shape
+        return p.new_empty(p.shape), logits.new_empty(logits.shape), p.new_empty((N, K * r)), p.new_empty((K, D))
+
+    def _mixda_out_setup_context(ctx, inputs, output) -> None:
+        h, z, w2, b2, wdown, bdown, wup, bup, logits = inputs
+        ctx.K = len(wdown)
+        ctx.b2_dtype = None if b2 is None else b2.dtype
+        ctx.bdown_dtype = bdown[0].dtype
+        ctx.bup_dtype = bup[0].dtype
+        ctx.z_is_h = z is h
+        ctx.save_for_backward(h, z, w2, logits, output[1], *wdown, *wup, *bup)
+        ctx.set_materialize_grads(False)    # p is mostly for the backward: no zero gradient for it
+
+    @_autocast_off
+    def _mixda_out_backward(ctx, grad_y: Optional[Tensor], grad_p_out: Optional[Tensor]):
+        K = ctx.K
+        h, z, w2, logits, p, *rest = ctx.saved_tensors
+        wdown, wup, bup = rest[:K], rest[K:2 * K], rest[2 * K:]
+        grad_y = p.new_zeros((p.shape[0], w2.shape[0])) if grad_y is None else grad_y.contiguous()
+        grad_p, grad_logits, s, grad_bup = torch.ops.mixda_fast.mixda_out_backward.default(
+            grad_y, p, logits, list(wup), list(bup))
+        if grad_p_out is not None:
+            grad_p = grad_p + grad_p_out
+        D, r = w2.shape[0], wdown[0].shape[0]
+        gf = grad_p[:, :D]
+        ga = [grad_p[:, D + k * r:D + (k + 1) * r] for k in range(K)]
+        need = ctx.needs_input_grad
+        grads = [None] * 4 + [[None] * K for _ in range(4)] + [None]   # list inputs take lists
+        wd_all = packed_rows(wdown)                      # packed adapters: one GEMM, not K
+        w_all = packed_rows([w2, *wdown]) if ctx.z_is_h and need[0] and need[1] else None
+        if w_all is not None:                            # z is h, [w2 | wdown] packed: one GEMM for both
+            grads[0] = _mm(grad_p, w_all, h.dtype)
+        elif need[0]:
+            grads[0] = _mm(gf, w2, h.dtype)
+        if need[1] and w_all is None:
+            if wd_all is not None:
+                grads[1] = _mm(grad_p[:, D:], wd_all, z.dtype)
+            else:
+                gz = _mm(ga[0], wdown[0], _acc(z.dtype))
+                for k in range(1, K):
+                    gz = gz + _mm(ga[k], wdown[k], _acc(z.dtype))
+                grads[1] = gz.to(z.dtype)
+        if need[2]:
+            grads[2] = _mm(gf.t(), h, w2.dtype)
+        if need[3]:
+            grads[3] = gf.sum(0, dtype=_acc(grad_p.dtype)).to(ctx.b2_dtype)
+        need4 = list(need[4]) if isinstance(need[4], (list, tuple)) else [bool(need[4])] * K
+        if any(need4):
+            if wd_all is not None and all(need4):
+                grads[4] = list(_mm(grad_p[:, D:].t(), z, wd_all.dtype).split(r))
+            else:
+                grads[4] = [_mm(ga[k].t(), z, wdown[k].dtype) if need4[k] else None
+                            for k in range(K)]
+        if _needs(need[5]):
+            grads[5] = [ga[k].sum(0, dtype=_acc(grad_p.dtype)).to(ctx.bdown_dtype) for k in range(K)]
+        if _needs(need[6]):
+            grads[6] = [_mm(grad_y.t(), s[:, k * r:(k + 1) * r], wup[k].dtype) for k in range(K)]
+        if _needs(need[7]):
+            grads[7] = [grad_bup[k].to(ctx.bup_dtype) for k in range(K)]
+        if need[8]:
+            grads[8] = grad_logits
+        return tuple(grads)
+
+    torch.library.register_autograd("mixda_fast::mixda_out", _mixda_out_backward,
+                                    setup_context=_mixda_out_setup_context)
+
+    # -- gate_mlp -------------------------------------------------------------------------------
+
+    @torch.library.register_fake("mixda_fast::gate_mlp")
+    def _gate_mlp_fake(z, weights, biases, p=0.0, seed=None):
+        check_devices("gate_mlp", z=z, weights=weights, biases=biases)
+        if not 0 <= p < 1 or (p > 0 and seed is None):
+            raise RuntimeError(f"gate_mlp: p (the dropout probability) must be in [0, 1), with a seed when "
+                               f"p > 0; got p = {p}, seed {'None' if seed is None else 'given'}")
+        if z.dim() != 2 or len(weights) < 1:
+            raise RuntimeError(f"gate_mlp: z must have shape (N, Din) and weights L >= 1 tensors, got "
+                               f"{list(z.shape)} and {len(weights)}")
+        N = z.shape[0]
+        return z.new_empty((N, weights[-1].shape[0])), [z.new_empty((N, w.shape[0])) for w in weights[:-1]]
+
+    @torch.library.register_fake("mixda_fast::gate_mlp_backward")
+    def _gate_mlp_backward_fake(grad_logits, z, weights, hidden, p=0.0, seed=None, grad_z=True):
+        return (z.new_empty(z.shape if grad_z else (0,)), [w.new_empty(w.shape) for w in weights],
+                [w.new_empty((w.shape[0],)) for w in weights])
+
+    def _gate_mlp_setup_context(ctx, inputs, output) -> None:
+        z, weights, biases, p, seed = inputs           # defaults filled in by torch.library
+        ctx.L, ctx.p = len(weights), p
+        ctx.bias_dtypes = [b.dtype for b in biases]
+        ctx.save_for_backward(z, seed, *weights, *output[1])
+
+    @_autocast_off
+    def _gate_mlp_backward(ctx, grad_logits: Tensor, grad_hidden):
+        # hidden is returned for this backward only (ops.gate_mlp drops it): not differentiable
+        z, seed, *rest = ctx.saved_tensors
+        weights, hidden = rest[:ctx.L], rest[ctx.L:]
+        need_z = ctx.needs_input_grad[0]
+        grad_z, grad_w, grad_b = torch.ops.mixda_fast.gate_mlp_backward.default(
+            grad_logits, z, list(weights), list(hidden), ctx.p, seed, need_z)
+        grads = (grad_z if need_z else None, list(grad_w),
+                 [g.to(dt) for g, dt in zip(grad_b, ctx.bias_dtypes)], None, None)
+        # The dispatcher drops trailing arguments equal to their defaults from the call, and
+        # the backward must match the call: needs_input_grad has its length.
+        return grads[:len(ctx.needs_input_grad)]
+
+    torch.library.register_autograd("mixda_fast::gate_mlp", _gate_mlp_backward,
+                                    setup_context=_gate_mlp_setup_context)

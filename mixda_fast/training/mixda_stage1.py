@@ -1,0 +1,179 @@
+"""Stage 1 of MixDA: train one domain adapter on domain knowledge (DESIGN.md section 2).
+
+The base model is frozen; the domain adapter and the gate train (the gate optionally frozen),
+with loss ``lambda * L_knowledge + L_old`` (lambda = 0.5): masked-LM (or causal-LM) cross-entropy
+on the knowledge file, and the MSE that keeps each patched layer's output on general text close
+to the unpatched layer's. Output folder: ``mixda_adapter_<domain>.safetensors`` (the domain
+adapter, loadable into any slot by stage 2), ``mixda_adapters.safetensors`` (adapter + gate),
+``lm_head.safetensors`` when the LM head was trained, ``mixda_run.json`` (what was trained, on
+what, with which settings) and the Trainer's ``checkpoint-*`` folders when saving is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from ..mixda.config import MixDAConfig
+from ..core.families import family_of
+from ..mixda.patching import base_model_of, is_patched, patch_config, patch_model
+from ..mixda.saving import save_adapters
+from ..mixda.trainable import _head_parameters, count_parameters, mark_trainable
+from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_texts, load_knowledge,
+                   load_texts)
+from .losses import Stage1Model, is_causal_lm
+from ..core.io import LM_HEAD, save_safetensors
+from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
+
+__all__ = ["default_layers", "load_lm", "run_stage1", "Stage1Result", "RUN_FILE"]
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "mixda_run.json"
+RUN_FORMAT = "mixda_fast.run/1"
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """The paper's choice (layers 7 and 11 of RoBERTa-large's 24) scaled to ``num_layers``."""
+    return sorted({min(num_layers - 1, int(num_layers * f + 0.5)) for f in (7 / 24, 11 / 24)})
+
+
+def load_lm(path: Union[str, os.PathLike], **kwargs):
+    """(language model, tokenizer, missing head keys) from a local checkpoint folder: a masked LM
+    for families that have one (BERT, RoBERTa), else a causal LM. Local files only. Keys the
+    checkpoint lacks (e.g. the MLM head of a sentence-embedding checkpoint) are returned so the
+    caller can say that the head is freshly initialised."""
+    import transformers as tf
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    path = str(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {path!r} is not a folder; expected a local HuggingFace "
+                                "checkpoint (config.json, weights, tokenizer files); nothing is downloaded")
+    config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = tf.AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else tf.AutoModelForCausalLM
+    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, list(info.get("missing_keys", []))
+
+
+@dataclass
+class Stage1Result:
+    model: nn.Module
+    trainer: Any
+    timer: StepTimer
+    output_dir: Path
+    files: dict = field(default_factory=dict)
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.trainer.state.log_history
+
+
+def _as_dataset(data, loader, what: str):
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        return loader(data)
+    if hasattr(data, "column_names"):
+        return data
+    raise TypeError(f"run_stage1: {what}={data!r} is not accepted: expected a file path or a datasets.Dataset "
+                    f"from mixda_fast.training.{loader.__name__}")
+
+
+def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os.PathLike], *,
+               general=None, domain: str = "domain_0", config: Optional[MixDAConfig] = None,
+               knowledge_weight: float = 0.5, old_weight: float = 1.0, max_length: int = 128,
+               general_batch_size: Optional[int] = None, train_gate: bool = True,
+               train_lm_head: bool = False, training_args: Optional[dict] = None,
+               resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
+               base_model_path: Optional[str] = None, save: bool = True,
+               data_sources: Optional[dict] = None, gate_learning_rate: Optional[float] = None) -> Stage1Result:
+    """Train the domain adapter ``domain`` of ``model`` (a masked or causal LM; patched here with
+    ``config``, default one adapter on :func:`default_layers`, unless already patched).
+
+    ``knowledge``: a file (see :mod:`~mixda_fast.training.data`) or a :func:`load_knowledge`
+    dataset; ``general``: general text for L_old (file or :func:`load_texts` dataset; None turns
+    L_old off, with a warning). ``training_args``: overrides of :func:`training_arguments`
+    (defaults: lr 1e-4, AdamW with weight decay 0.05, linear decay, 10 epochs, batch 16).
+    ``data_sources``: {"knowledge": path, "general": path} to record in the manifest when the
+    data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone.
+    Under DDP only the main process writes the output files.
+    """
+    if not isinstance(domain, str) or not domain:
+        raise TypeError(f"run_stage1: domain={domain!r} is not accepted: expected a non-empty str")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    family_of(model)
+    seed_before_init(training_args)
+    if not is_patched(model):
+        n_layers = len(base_model_of(model).get_submodule(family_of(model)[1].layers))
+        config = config or MixDAConfig(domains=[domain], layers=default_layers(n_layers))
+        patch_model(model, config)
+    elif config is not None and config is not patch_config(model):
+        raise ValueError("run_stage1: model is already patched with another config; pass config=None or an "
+                         "unpatched model")
+    config = patch_config(model)
+    if domain not in config.domains:
+        raise ValueError(f"run_stage1: domain={domain!r} is not accepted: the patch's domains are {list(config.domains)}")
+    causal = is_causal_lm(model)
+    mark_trainable(model, "domain", domain=domain)
+    if config.mixing == "residual" and config.num_domains == 1 and train_gate:
+        logger.info("run_stage1: residual mixing with one domain: the gate's softmax has one entry (always 1), "
+                    "so the gate gets no gradient; it is frozen")
+        train_gate = False
+    if not train_gate:
+        for m in model.modules():
+            if type(m).__name__ == "MixDAGate":
+                m.requires_grad_(False)
+    if train_lm_head:
+        for p in _head_parameters(model):
+            p.requires_grad_(True)
+    if general is None:
+        logger.warning("run_stage1: no general text given: L_old (the old-knowledge loss) is off")
+
+    kds = _as_dataset(knowledge, load_knowledge, "knowledge")
+    gds = _as_dataset(general, load_texts, "general")
+    sources = {"knowledge": str(knowledge) if isinstance(knowledge, (str, os.PathLike)) else None,
+               "general": str(general) if isinstance(general, (str, os.PathLike)) else None}
+    sources.update(data_sources or {})
+    source = sources["knowledge"] or "knowledge"
+    train_ds = encode_knowledge(kds, tokenizer, causal=causal, max_length=max_length, source=source)
+    gen_ds = encode_texts(gds, tokenizer, max_length=max_length) if gds is not None else None
+    args = training_arguments(str(output_dir), **(training_args or {}))
+    collator = Stage1Collator(KnowledgeCollator(tokenizer, causal, seed=args.seed), gen_ds, general_batch_size)
+    timer = StepTimer()
+    wrapper = Stage1Model(model, causal)
+    trainer = MixDATrainer(model=wrapper, args=args, train_dataset=train_ds, data_collator=collator,
+                           callbacks=[timer, *callbacks], knowledge_weight=knowledge_weight,
+                           old_weight=old_weight if gds is not None else 0.0,
+                           gate_learning_rate=gate_learning_rate)
+    trainable, total = count_parameters(model)
+    logger.info("stage 1: domain %r, layers %s, %d of %d parameters train", domain, config.layers, trainable, total)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    model.eval()
+    files = {}
+    if save and args.should_save:
+        files["domain_adapter"] = save_adapters(model, output_dir, domain=domain).name
+        files["adapters"] = save_adapters(model, output_dir).name
+        if train_lm_head:
+            head = {n: p for n, p in model.named_parameters() if any(p is q for q in _head_parameters(model))}
+            save_safetensors({n: p.detach().contiguous().cpu() for n, p in head.items()},
+                             output_dir / "lm_head.safetensors", {"format": LM_HEAD}, "run_stage1")
+            files["lm_head"] = "lm_head.safetensors"
+        write_json_atomic(str(output_dir / RUN_FILE), {
+            "format": RUN_FORMAT, "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],
+            "domain": domain, "config": config.to_dict(), "files": files, "causal": causal,
+            "knowledge": sources["knowledge"], "general": sources["general"],
+            "knowledge_weight": knowledge_weight, "old_weight": old_weight, "max_length": max_length,
+            "trainable_parameters": trainable, "total_parameters": total,
+            "train_gate": train_gate, "train_lm_head": train_lm_head,
+            "log_history": trainer.state.log_history,
+        })
+    return Stage1Result(model=model, trainer=trainer, timer=timer, output_dir=output_dir, files=files)

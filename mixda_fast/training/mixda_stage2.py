@@ -1,0 +1,308 @@
+"""Stage 2 of MixDA: a task on top of K frozen domain adapters (DESIGN.md section 2).
+
+The K domain adapters trained in stage 1 are loaded (frozen), a task adapter is added
+(:mod:`~mixda_fast.task_adapters`: Pfeiffer after each FFN output, bottleneck = hidden
+size // 16, swish; Houlsby after attention too), and the gate, the task adapter and the task
+head train. Heads: sequence classification and multiple choice. With K = 1 the stage-1 gate is
+loaded too (it was trained with that adapter); with K > 1 the gate is a fresh (K+1)-way gate, as
+in the paper. Output folder: ``mixda_adapters.safetensors`` (domain adapters + gate),
+``task_adapters.safetensors``, ``head.safetensors``, ``mixda_run.json``; :func:`load_run`
+rebuilds the trained model from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..mixda.config import MixDAConfig
+from ..mode.config import MoDEConfig
+from ..core.validate import check_choice, check_int, check_labels, check_name, fail, run_file
+from ..core.families import family_of
+from ..mixda.patching import is_patched, patch_config, patch_model
+from ..mixda.saving import load_adapters, save_adapters
+from ..mixda.trainable import _head_parameters, count_parameters, mark_trainable
+from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
+from .mixda_stage1 import RUN_FILE, RUN_FORMAT
+from ..core.io import HEAD, LM_HEAD, check_tensors, read_safetensors, save_safetensors
+from ..task_adapters import add_task_adapters, has_task_adapters, load_task_adapters, save_task_adapters
+from .trainer import MixDATrainer, StepTimer, classification_metrics, training_arguments, write_json_atomic
+
+__all__ = ["read_run", "build_stage2_model", "run_stage2", "load_run", "Stage2Result", "task_model_class"]
+
+logger = logging.getLogger(__name__)
+_STRUCTURAL = ("layers", "reduction_factor", "adapter_input", "gate", "gate_hidden", "gate_layers", "mixing",
+               "paper_gate_bug")
+
+
+def task_model_class(task: str):
+    import transformers as tf
+
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not accepted: expected one of {' | '.join(map(repr, TASKS))}")
+    return tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForMultipleChoice
+
+
+def read_run(run_dir: Union[str, os.PathLike]) -> dict:
+    """The ``mixda_run.json`` manifest of a stage-1 or stage-2 output folder."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a mixda_fast run folder: {RUN_FILE} is missing "
+                                "(expected the output folder of `mixda-fast stage1` or `stage2`)")
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if not isinstance(run, dict):
+        fail(f"{path}", type(run).__name__, "a JSON object (the run manifest)")
+    if run.get("format") != RUN_FORMAT:
+        raise ValueError(f"{str(path)!r} has format={run.get('format')!r}; expected {RUN_FORMAT!r}")
+    method = check_choice(f"{path}: method", run.get("method", "mixda"), ("mixda", "mode"))
+    stage = check_choice(f"{path}: stage", run.get("stage"), (1, 2))
+    files = run.get("files")
+    if not isinstance(files, dict):
+        fail(f"{path}: files", files, "a dict of file names in the run folder", TypeError)
+    for key, name in files.items():
+        run_file(f"{path}: files[{key!r}]", Path(run_dir), name)
+    required = {("mixda", 1): ("adapters",), ("mixda", 2): ("head",) + (("adapters",) if run.get("config") else ()),
+                ("mode", 1): ("expert", "experts"), ("mode", 2): ("experts",)}[(method, stage)]
+    for key in required:
+        if key not in files:
+            raise ValueError(f"{path}: files={files!r} is not accepted: expected the entry {key!r} of a {method} "
+                             f"stage-{stage} run")
+    config = run.get("config")
+    if config is not None or method == "mode" or stage == 1:
+        (MoDEConfig if method == "mode" else MixDAConfig).from_dict(config, source=f"{path}: config")
+    if stage == 1:
+        check_name(f"{path}: domain", run.get("domain"))
+    if "max_length" in run:
+        check_int(f"{path}: max_length", run["max_length"], 1, cap="MAX_INT")
+    if method == "mixda" and stage == 2:
+        check_choice(f"{path}: task", run.get("task"), TASKS)
+        check_labels(f"{path}: labels", run.get("labels"))
+    return run
+
+
+def _domain_config(runs: list[tuple[Path, dict]]) -> MixDAConfig:
+    first_dir, first = runs[0]
+    base = MixDAConfig.from_dict(first["config"])
+    names = []
+    for d, run in runs:
+        if run.get("stage") != 1:
+            raise ValueError(f"domain adapter folder {str(d)!r} is a stage-{run.get('stage')} run; expected "
+                             "a stage-1 output folder")
+        cfg = MixDAConfig.from_dict(run["config"])
+        diffs = [f"{k}: {getattr(cfg, k)!r} vs {getattr(base, k)!r}" for k in _STRUCTURAL
+                 if k not in ("gate", "gate_hidden", "gate_layers") and getattr(cfg, k) != getattr(base, k)]
+        if diffs:
+            raise ValueError(f"domain adapter folders {str(first_dir)!r} and {str(d)!r} were trained with different "
+                             f"patches ({'; '.join(diffs)}); stage 2 needs one patch layout for all domains")
+        names.append(run["domain"])
+    if len(set(names)) != len(names):
+        raise ValueError(f"the domain adapter folders hold the domains {names}: each name may appear once")
+    data = base.to_dict()
+    data.update(domains=names, num_domains=len(names))
+    return MixDAConfig.from_dict(data)
+
+
+def build_stage2_model(base: Union[str, os.PathLike, nn.Module], *, task: str = "classification",
+                       num_labels: int = 2, domain_runs: Sequence[Union[str, os.PathLike]] = (),
+                       task_adapter: Optional[str] = "pfeiffer", reduction_factor: int = 16) -> nn.Module:
+    """A task model (``base``: a local checkpoint folder, or a model with a task head) with the
+    domain adapters of ``domain_runs`` (stage-1 output folders; none = no MixDA patch, the
+    task-adapter-only baseline) loaded and frozen, and a fresh task adapter
+    (``task_adapter=None``: none). Everything but gate, task adapter and head is frozen."""
+    if isinstance(base, (str, os.PathLike)):
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"model path {str(base)!r} is not a folder; expected a local HuggingFace checkpoint")
+        model, info = task_model_class(task).from_pretrained(str(base), num_labels=num_labels, local_files_only=True,
+                                                             output_loading_info=True)
+        # Weights the checkpoint lacks (the task head, and e.g. BERT's pooler when the checkpoint
+        # is a masked LM) are random: run_stage2 saves them with the head so load_run rebuilds them.
+        model._mixda_fresh_keys = sorted(info.get("missing_keys", []))
+    elif isinstance(base, nn.Module):
+        model = base
+    else:
+        raise TypeError(f"build_stage2_model: base={base!r} is not accepted: expected a checkpoint folder or an nn.Module")
+    if isinstance(domain_runs, (str, os.PathLike)):
+        domain_runs = [domain_runs]
+    runs = [(Path(d), read_run(d)) for d in domain_runs]
+    if runs:
+        model_type, _ = family_of(model)
+        for d, run in runs:
+            if run.get("model_type") != model_type:
+                raise ValueError(f"domain adapter folder {str(d)!r} was trained on model_type="
+                                 f"{run.get('model_type')!r}; this model is {model_type!r}")
+        config = _domain_config(runs)
+        patch_model(model, config)
+        if len(runs) == 1 and (runs[0][0] / "mixda_adapters.safetensors").is_file():
+            load_adapters(model, runs[0][0] / "mixda_adapters.safetensors")          # adapter + its gate
+        else:
+            for d, run in runs:
+                load_adapters(model, d / run["files"]["domain_adapter"], domain=run["domain"])
+    if task_adapter is not None:
+        add_task_adapters(model, task_adapter, reduction_factor)
+    _freeze_for_task(model)
+    return model
+
+
+def _freeze_for_task(model: nn.Module) -> None:
+    if is_patched(model):
+        mark_trainable(model, "task")
+        config = patch_config(model)
+        if config.mixing == "residual" and config.num_domains == 1:   # a one-entry softmax: constant
+            for m in model.modules():
+                if type(m).__name__ == "MixDAGate":
+                    m.requires_grad_(False)
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if getattr(m, "is_task_adapter", False):
+            m.requires_grad_(True)
+    for p in _head_parameters(model):
+        p.requires_grad_(True)
+
+
+def _head_named(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The task head, plus any parameter the checkpoint did not hold (freshly initialised at
+    load, e.g. a pooler): what head.safetensors must hold to rebuild the model."""
+    ids = {id(p) for p in _head_parameters(model)}
+    fresh = set(getattr(model, "_mixda_fresh_keys", ()))
+    return {n: p for n, p in model.named_parameters() if id(p) in ids or n in fresh}
+
+
+@dataclass
+class Stage2Result:
+    model: nn.Module
+    trainer: Any
+    timer: StepTimer
+    output_dir: Path
+    labels: list
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.trainer.state.log_history
+
+
+def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.PathLike], *,
+               task: str = "classification", labels: Optional[Sequence] = None, eval_data=None,
+               k_shot: Optional[int] = None, seed: int = 0, max_length: int = 128,
+               warmup_epochs: float = 2.0, training_args: Optional[dict] = None,
+               resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
+               base_model_path: Optional[str] = None, domain_runs: Sequence = (), save: bool = True) -> Stage2Result:
+    """Train ``model`` (from :func:`build_stage2_model`) on a task file or a :func:`load_task`
+    ``(dataset, labels)`` pair; ``k_shot``: keep k examples per class (seeded). ``eval_data``
+    (file or pair) is evaluated after every epoch (accuracy, macro-F1). ``training_args``
+    overrides :func:`training_arguments` (stage-2 defaults: lr 5e-4, 20 epochs, 2 warm-up epochs,
+    AdamW with weight decay 0.05, linear decay)."""
+    if task not in TASKS:
+        raise ValueError(f"run_stage2: task={task!r} is not accepted: expected one of {' | '.join(map(repr, TASKS))}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    source = str(train) if isinstance(train, (str, os.PathLike)) else None
+    train_ds, labels = load_task(train, task, labels) if isinstance(train, (str, os.PathLike)) else train
+    if k_shot is not None:
+        train_ds = kshot_sample(train_ds, k_shot, seed)
+    train_ds = encode_task(train_ds, tokenizer, task=task, max_length=max_length)
+    eval_ds = None
+    if eval_data is not None:
+        eval_ds, _ = load_task(eval_data, task, labels) if isinstance(eval_data, (str, os.PathLike)) else eval_data
+        eval_ds = encode_task(eval_ds, tokenizer, task=task, max_length=max_length)
+    overrides = dict(learning_rate=5e-4, num_train_epochs=20, seed=seed)
+    if eval_ds is not None:
+        overrides.update(eval_strategy="epoch")
+    overrides.update(training_args or {})
+    if "warmup_steps" not in overrides and "warmup_ratio" not in overrides and warmup_epochs:
+        bs = overrides.get("per_device_train_batch_size", 16) * overrides.get("gradient_accumulation_steps", 1)
+        overrides["warmup_steps"] = int(math.ceil(warmup_epochs * len(train_ds) / bs))
+    args = training_arguments(str(output_dir), **overrides)
+    timer = StepTimer()
+    trainer = MixDATrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                           data_collator=TaskCollator(tokenizer, task), callbacks=[timer, *callbacks],
+                           compute_metrics=classification_metrics)
+    trainable, total = count_parameters(model)
+    logger.info("stage 2: %s, %d examples, %d of %d parameters train", task, len(train_ds), trainable, total)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    model.eval()
+    metrics = {}
+    if eval_ds is not None:
+        metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+    if save and args.should_save:
+        files = {}
+        if is_patched(model):
+            files["adapters"] = save_adapters(model, output_dir).name
+        if has_task_adapters(model):
+            files["task_adapters"] = save_task_adapters(model, output_dir).name
+        head = _head_named(model)
+        save_safetensors({n: p.detach().contiguous().cpu() for n, p in head.items()}, output_dir / "head.safetensors",
+                         {"format": HEAD}, "run_stage2")
+        files["head"] = "head.safetensors"
+        write_json_atomic(str(output_dir / RUN_FILE), {
+            "format": RUN_FORMAT, "stage": 2, "base_model": base_model_path, "model_type": family_of(model)[0],
+            "task": task, "labels": list(labels), "max_length": max_length, "files": files,
+            "config": patch_config(model).to_dict() if is_patched(model) else None,
+            "domain_runs": [str(d) for d in domain_runs], "train": source, "k_shot": k_shot, "seed": seed,
+            "trainable_parameters": trainable, "total_parameters": total, "metrics": metrics,
+            "log_history": trainer.state.log_history,
+        })
+    return Stage2Result(model=model, trainer=trainer, timer=timer, output_dir=output_dir, labels=list(labels),
+                        metrics=metrics)
+
+
+def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None):
+    """(model, tokenizer, manifest) rebuilt from a stage-1 or stage-2 output folder;
+    ``base_model`` overrides the checkpoint folder recorded in the manifest."""
+    import transformers as tf
+
+    from .mixda_stage1 import load_lm
+
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    base = base_model or run.get("base_model")
+    if not base:
+        raise ValueError(f"{str(run_dir)!r}: the manifest records no base model; pass base_model (--model)")
+    if run["stage"] == 1:
+        model, tokenizer, _ = load_lm(base)
+        patch_model(model, MixDAConfig.from_dict(run["config"]))
+        load_adapters(model, run_dir / run["files"]["adapters"])
+        if "lm_head" in run["files"]:
+            _load_named(model, run_dir / run["files"]["lm_head"], LM_HEAD)
+    else:
+        model, info = task_model_class(run["task"]).from_pretrained(str(base), num_labels=len(run["labels"]),
+                                                                    local_files_only=True, output_loading_info=True)
+        model._mixda_fresh_keys = sorted(info.get("missing_keys", []))   # head.safetensors may hold these
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if run.get("config"):
+            patch_model(model, MixDAConfig.from_dict(run["config"]))
+            load_adapters(model, run_dir / run["files"]["adapters"])
+        if "task_adapters" in run["files"]:
+            load_task_adapters(model, run_dir / run["files"]["task_adapters"])
+        _load_named(model, run_dir / run["files"]["head"], HEAD)
+    model.eval()
+    return model, tokenizer, run
+
+
+def _load_named(model: nn.Module, path: Path, fmt: str) -> None:
+    """Load a head file (stage 1's ``lm_head``, stage 2's ``head``) into ``model``. It must hold
+    the head's parameters and may hold those the checkpoint lacked at load (:func:`_head_named`),
+    nothing else (never, e.g., the word embeddings); all is checked before anything is copied."""
+    _, tensors = read_safetensors(path, fmt, "load_run")
+    expected = _head_named(model)
+    head = {id(p) for p in _head_parameters(model)}
+    check_tensors(expected, tensors, f"load_run: {str(path)!r}",
+                  optional=frozenset(n for n, p in expected.items() if id(p) not in head))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)

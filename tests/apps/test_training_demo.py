@@ -1,0 +1,61 @@
+"""The demo's generated data (valid files, a task on held-out people) and one tiny training step
+on it with the MiniLM tokenizer (a tiny model with MiniLM's vocabulary: no real weights)."""
+
+import json
+
+import torch
+import transformers as tf
+
+import mixda_fast as mf
+from mixda_fast.demo.data import COLOURS, build_demo_data, general_sentences, make_people
+from mixda_fast.demo.mixda import DemoSettings, format_table
+from mixda_fast.training.data import load_knowledge, load_task, load_texts
+from mixda_fast.training.mixda_stage1 import run_stage1
+from tiny_models import minilm_path
+
+
+def test_demo_data_is_valid_and_the_task_needs_the_knowledge_base(tmp_path):
+    data = build_demo_data(tmp_path, n_people=40, n_test=20, general_train=30, general_eval=10)
+    facts = load_knowledge(data.knowledge)
+    assert len(facts) == data.n_facts == 40 * 3
+    train, labels = load_task(data.task_train)
+    test, _ = load_task(data.task_test, labels=labels)
+    assert labels == sorted(COLOURS)
+    name = lambda text: text.split()[0]  # noqa: E731
+    assert not {name(t) for t in train["text"]} & {name(t) for t in test["text"]}   # held-out people
+    assert {name(t) for t in test["text"]} <= set(data.people)
+    # every test person's colour is stated in the knowledge base, and only there
+    colour_of = {name(t): labels[y] for t, y in zip(test["text"], test["label"])}
+    stated = {t.split()[4]: t.split()[6] for t in facts["text"] if t.startswith("the favourite colour of")}
+    assert all(stated[p] == c for p, c in colour_of.items())
+    assert not any(c in t.split() for t in test["text"] for c in COLOURS)
+    assert len(load_texts(data.general_train)) == 30 and len(load_texts(data.general_eval)) == 10
+    assert make_people(5, seed=1) == make_people(5, seed=1) and len(set(make_people(200))) == 200
+    assert all(6 <= len(s.split()) <= 30 for s in general_sentences(50))
+
+
+def test_one_stage1_step_on_demo_data_with_minilm_tokenizer(tmp_path, one_thread):
+    data = build_demo_data(tmp_path / "data", n_people=8, n_test=4, general_train=16, general_eval=4)
+    tok = tf.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    config = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.BertForMaskedLM(config).eval()
+    res = run_stage1(model, tok, data.knowledge, tmp_path / "s1", general=data.general_train, domain="people",
+                     config=mf.MixDAConfig(domains=["people"], layers=[1], gate_hidden=16), max_length=32,
+                     training_args=dict(max_steps=1, per_device_train_batch_size=4, disable_tqdm=True,
+                                        logging_steps=1))
+    log = next(h for h in res.log_history if "loss_knowledge" in h)
+    assert log["loss_knowledge"] > 0 and log["loss_old"] >= 0
+    assert (tmp_path / "s1" / "mixda_adapter_people.safetensors").is_file()
+
+
+def test_demo_table_formats_every_method():
+    s1 = {"fact_exact_match": 0.5, "drift": 0.01, "step_time": 0.2, "trainable": 1e6, "history": []}
+    s2 = {"accuracy": 0.6, "macro_f1": 0.55, "step_time": 0.1, "trainable": 2e5, "history": []}
+    results = {"base": {"fact_exact_match": 0.0}, "chance_accuracy": 0.25,
+               "methods": {"MixDA": {"stage1": s1, "stage2": s2}, "task adapter only": {"stage1": None, "stage2": s2}}}
+    table = format_table(results)
+    assert "MixDA" in table and "task adapter only" in table and "0.600" in table and "200" in table
+    assert DemoSettings.quick().stage1_steps < DemoSettings().stage1_steps
+    json.dumps(results)
