@@ -197,7 +197,7 @@ def _mode_stage1(args: argparse.Namespace) -> int:
     from .mode.config import MoDEConfig
     from .training.data import load_knowledge
     from .training.mode_stages import run_mode_stage1
-    from .training.mixda_stage1 import load_lm
+    from .training.runs import load_lm
 
     for f in (args.knowledge, args.eval):               # validate the data before loading the model
         if f:
@@ -220,7 +220,7 @@ def _mode_stage1(args: argparse.Namespace) -> int:
 def _mode_stage2(args: argparse.Namespace) -> int:
     from .training.data import load_knowledge
     from .training.mode_stages import resolve_expert_file, run_mode_stage2
-    from .training.mixda_stage1 import load_lm
+    from .training.runs import load_lm
 
     if not args.experts:
         raise ValueError("--method mode needs --experts DIR [DIR ...]: the output folders of "
@@ -264,7 +264,8 @@ def _stage1(args: argparse.Namespace) -> int:
         return _mode_stage1(args)
     from .mixda.config import MixDAConfig
     from .training.data import load_knowledge, load_texts
-    from .training.mixda_stage1 import default_layers, load_lm, run_stage1
+    from .training.mixda_stage1 import default_layers, run_stage1
+    from .training.runs import load_lm
 
     knowledge = load_knowledge(args.knowledge)          # validate the data before loading the model
     general = load_texts(args.general) if args.general else None
@@ -273,9 +274,9 @@ def _stage1(args: argparse.Namespace) -> int:
                        "; --train-lm-head trains it with the adapters" if not args.train_lm_head else
                        " and trains with the adapters (--train-lm-head)")
     from .core.families import family_of
-    from .mixda.patching import base_model_of
+    from .core.model import layer_list
 
-    n_layers = len(base_model_of(model).get_submodule(family_of(model)[1].layers))
+    n_layers = len(layer_list(model, *family_of(model), "stage1"))
     config = MixDAConfig(domains=[args.domain], layers=args.layers or default_layers(n_layers),
                          reduction_factor=args.reduction_factor, adapter_input=args.adapter_input,
                          gate=args.gate, mixing=args.mixing, gate_hidden=args.gate_hidden,
@@ -301,7 +302,8 @@ def _stage2(args: argparse.Namespace) -> int:
     import transformers as tf
 
     from .training.data import load_task
-    from .training.mixda_stage2 import build_stage2_model, read_run, run_stage2
+    from .training.mixda_stage2 import build_stage2_model, run_stage2
+    from .training.runs import read_run
 
     if len(args.train) != 1:
         raise ValueError(f"--train takes one task file for MixDA stage 2; got {len(args.train)} "
@@ -335,7 +337,8 @@ def _stage2(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     _setup(args)
     from .training.evaluate import evaluate_task, fact_exact_match
-    from .training.mixda_stage2 import load_run, read_run
+    from .training.mixda_stage2 import load_run
+    from .training.runs import read_run
 
     run = read_run(args.run)
     if run.get("method", "mixda") == "mode":

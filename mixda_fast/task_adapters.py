@@ -35,9 +35,10 @@ from typing import Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from .core.families import FamilySpec, family_of
-from .core.io import TASK_ADAPTERS as TASK_ADAPTER_FORMAT, check_tensors, read_safetensors, save_safetensors
-from .mixda.patching import base_model_of
+from .core.io import TASK_ADAPTERS as TASK_ADAPTER_FORMAT, file_in, load_into, read_safetensors, save_tensors
+from .core.model import layer_list
 
 __all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_adapter_modules",
            "has_task_adapters", "save_task_adapters", "load_task_adapters", "TASK_ADAPTER_KINDS",
@@ -46,6 +47,7 @@ __all__ = ["TaskAdapter", "add_task_adapters", "remove_task_adapters", "task_ada
 TASK_ADAPTER_KINDS = ("pfeiffer", "houlsby")
 _NAMES = {"ffn": "mixda_task_adapter_ffn", "attn": "mixda_task_adapter_attn"}
 _INFO = "_mixda_task_adapter_info"
+FILE_NAME = "task_adapters.safetensors"
 
 
 class TaskAdapter(nn.Module):
@@ -114,12 +116,7 @@ class _Healer:
 
 def _layers(model: nn.Module, fn: str) -> tuple[str, FamilySpec, nn.ModuleList]:
     model_type, spec = family_of(model)
-    base = base_model_of(model)
-    try:
-        return model_type, spec, base.get_submodule(spec.layers)
-    except AttributeError as e:
-        raise ValueError(f"{fn}: family {model_type!r} expects the layers at base_model.{spec.layers}, "
-                         f"which this model does not have ({e})") from None
+    return model_type, spec, layer_list(model, model_type, spec, fn)
 
 
 def _ffn_out_path(spec: FamilySpec) -> str:
@@ -217,31 +214,24 @@ def task_adapter_modules(model: nn.Module) -> dict[str, TaskAdapter]:
     return out
 
 
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """File key -> live parameter of every task adapter."""
+    return {f"{key}.{pname}": p for key, mod in task_adapter_modules(model).items() for pname, p in mod.named_parameters()}
+
+
 def save_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the task adapters to a safetensors file (kind and width in its metadata); a
     directory gets ``task_adapters.safetensors``. Temp file then rename. Returns the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "task_adapters.safetensors"
-    if not path.parent.is_dir():
-        raise ValueError(f"save_task_adapters: path={str(path)!r} is not accepted: folder "
-                         f"{str(path.parent)!r} does not exist")
-    tensors = {f"{key}.{pname}": p.detach().contiguous().cpu()
-               for key, mod in task_adapter_modules(model).items() for pname, p in mod.named_parameters()}
-    info = getattr(model, _INFO)
-    metadata = {"format": TASK_ADAPTER_FORMAT, "info": json.dumps(info, sort_keys=True)}
-    return save_safetensors(tensors, path, metadata, "save_task_adapters")
-
-
+    path = file_in(path, "save_task_adapters", FILE_NAME, writing=True)
+    metadata = {"format": TASK_ADAPTER_FORMAT, "info": json.dumps(getattr(model, _INFO), sort_keys=True)}
+    return save_tensors(_tensors(model), path, metadata, "save_task_adapters")
 
 
 def load_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load a file from :func:`save_task_adapters`; adds the adapters first when the model has
     none (with the file's kind and width). Raises ValueError naming what differs (names,
     shapes, non-finite values); on error the model is left as it was."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "task_adapters.safetensors"
+    path = file_in(path, "load_task_adapters", FILE_NAME)
     meta, tensors = read_safetensors(path, TASK_ADAPTER_FORMAT, "load_task_adapters")
     info = json.loads(meta["info"])
     model_type, _ = family_of(model)
@@ -257,14 +247,9 @@ def load_task_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mo
             if have[key] != info[key]:
                 raise ValueError(f"load_task_adapters: {str(path)!r} has {key}={info[key]!r}; the model's task "
                                  f"adapters have {key}={have[key]!r}")
-        targets = {f"{key}.{pname}": p for key, mod in task_adapter_modules(model).items()
-                   for pname, p in mod.named_parameters()}
-        check_tensors(targets, tensors, f"load_task_adapters: {str(path)!r}")
+        load_into(_tensors(model), tensors, f"load_task_adapters: {str(path)!r}")
     except BaseException:
         if added:                      # a failed load leaves the model as it was
             remove_task_adapters(model)
         raise
-    with torch.no_grad():
-        for k, p in targets.items():
-            p.copy_(tensors[k])
     return model

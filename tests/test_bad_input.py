@@ -374,7 +374,7 @@ _GOOD_RUN = {"format": "mixda_fast.run/1", "stage": 1, "domain": "bio", "model_t
 def test_manifest_refused(change, fragments, tmp_path):
     import json
 
-    from mixda_fast.training.mixda_stage2 import read_run
+    from mixda_fast.training.runs import read_run
 
     run = [1, 2] if change is None else {**_GOOD_RUN, **change}
     (tmp_path / "mixda_run.json").write_text(json.dumps(run))
@@ -385,7 +385,7 @@ def test_manifest_refused(change, fragments, tmp_path):
 
 
 def test_manifest_malformed_json_and_symlink(tmp_path):
-    from mixda_fast.training.mixda_stage2 import read_run
+    from mixda_fast.training.runs import read_run
 
     (tmp_path / "mixda_run.json").write_text("{oops")
     with _raises(ValueError, "mixda_run.json", "malformed JSON"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mixda_fast as mf
-from mixda_fast.mixda.patching import patch_state
+from mixda_fast.mixda.patching import mixda_state as patch_state
 from tiny_models import batch, randomize_patch, tiny_model
 
 THREADS = 3

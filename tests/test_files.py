@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 import mixda_fast as mf
 import mixda_fast.core.io as mio
 from mixda_fast.task_adapters import add_task_adapters, load_task_adapters, save_task_adapters
-from mixda_fast.training.mixda_stage2 import _head_named, _load_named
-from mixda_fast.training.trainer import TRAINABLE_FILE, MixDATrainer, write_json_atomic
+from mixda_fast.training.runs import head_named as _head_named, load_head as _load_named
+from mixda_fast.training.trainer import TRAINABLE_FILE, MixDATrainer
 from tiny_models import tiny_model
 
 
@@ -262,7 +262,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, mode, monkeypat
 
 _KILLED_WRITER = """
 import sys, time
-from mixda_fast.io import write_atomic
+from mixda_fast.core.io import write_atomic
 def write(f):
     f.write(b"x" * 4096); f.flush()
     print("writing", flush=True)
@@ -292,7 +292,7 @@ def test_new_files_follow_the_umask(tmp_path, mode, umask, want):
     old = os.umask(umask)
     try:
         path = _save_adapters(tmp_path / "a.safetensors")
-        write_json_atomic(str(tmp_path / "run.json"), {"a": 1})
+        mio.write_json(tmp_path / "run.json", {"a": 1})
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == want

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 import mixda_fast as mf
-from mixda_fast.core.pretrained import CONFIG_KEY
+from mixda_fast.core.patch import CONFIG_KEY
 from tiny_models import DECODERS, batch, randomize_patch, tiny_model
 
 CASES = [("bert", "mixda"), ("roberta", "mixda"), ("gpt2", "mixda"), ("llama", "mixda"), ("bert", "mode"),

@@ -219,7 +219,8 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
     (:func:`run_layer_bench` does). The compiled contender compiles on ``case.compile_now()``."""
     from .. import ops
     from ..mixda.config import MixDAConfig
-    from ..mixda.patching import mixda_modules, patch_model
+    from ..core.patch import patch_model
+    from ..mixda.patching import mixda_modules
 
     contenders = tuple(contenders or CONTENDERS)
     unknown = set(contenders) - set(CONTENDERS)

@@ -69,7 +69,7 @@ def build_model(name: str, head: str, num_labels: int = 4):
     tf.logging.set_verbosity_error()
     torch.manual_seed(0)
     if name == "minilm":
-        from ..demo.mixda import minilm_path
+        from ..training.runs import minilm_path
 
         cls = tf.AutoModelForMaskedLM if head == "mlm" else tf.AutoModelForSequenceClassification
         kw = {} if head == "mlm" else {"num_labels": num_labels}
@@ -157,7 +157,7 @@ def _count(model) -> int:
 def _ffn_output_biases(model, layers) -> list:
     """The FFN-output bias of each of ``layers`` of an unpatched model (BERT: ``output.dense``)."""
     from ..core.families import family_of
-    from ..mixda.patching import base_model_of
+    from ..core.model import base_model_of
 
     _, spec = family_of(model)
     blocks = base_model_of(model).get_submodule(spec.layers)
@@ -174,7 +174,7 @@ def _floor(model, layers, extra=()) -> None:
 
 def stage1_contenders(name: str, batch: int, seq: int, only: Optional[str] = None) -> dict[str, Step]:
     """Stage-1 group (see the module docstring); ``only`` builds just that contender."""
-    from .. import mark_trainable, patch_model
+    from ..core.patch import mark_trainable, patch_model
     from ..training.losses import Stage1Model
 
     ids, mask, labels = _mlm_batch(30522, batch, seq)
@@ -231,8 +231,8 @@ def _cls_batch(batch: int, seq: int):
 
 def stage2_contenders(name: str, batch: int, seq: int, only: Optional[str] = None) -> dict[str, Step]:
     """Stage-2 group (see the module docstring); ``only`` builds just that contender."""
-    from .. import patch_model
-    from ..training.mixda_stage2 import _freeze_for_task
+    from ..core.patch import patch_model
+    from ..training.mixda_stage2 import freeze_for_task
     from ..task_adapters import add_task_adapters
 
     ids, mask, y = _cls_batch(batch, seq)
@@ -241,7 +241,7 @@ def stage2_contenders(name: str, batch: int, seq: int, only: Optional[str] = Non
         model = build_model(name, "cls")
         patch_model(model, _mixda_config(model))        # stage-1 domain adapter (frozen here)
         add_task_adapters(model, "pfeiffer")
-        _freeze_for_task(model)
+        freeze_for_task(model)
         return model
 
     out: dict[str, Step] = {}
@@ -254,7 +254,7 @@ def stage2_contenders(name: str, batch: int, seq: int, only: Optional[str] = Non
         elif c == "task adapter only":
             model = build_model(name, "cls")
             add_task_adapters(model, "pfeiffer")
-            _freeze_for_task(model)
+            freeze_for_task(model)
         elif c.startswith("LoRA"):
             model = build_model(name, "cls")
             for p in model.parameters():
@@ -277,7 +277,7 @@ def stage2_contenders(name: str, batch: int, seq: int, only: Optional[str] = Non
 
 def inference_contenders(name: str, batch: int, seq: int) -> dict[str, Callable]:
     """Forward of the classifier: plain, MixDA stage 2 (patch + task adapter), LoRA unmerged."""
-    from .. import patch_model
+    from ..core.patch import patch_model
     from ..task_adapters import add_task_adapters
 
     ids, mask, _ = _cls_batch(batch, seq)

@@ -8,7 +8,11 @@ Readers see the old file or the new one, never half of one; a failed or interrup
 even a ``SIGKILL`` does. New files get ``0o666 & ~umask``, as ``open()`` and HuggingFace's own
 files do.
 
-Tensor files (:func:`save_safetensors`, :func:`read_safetensors`, :func:`check_tensors`):
+Paths (:func:`as_path`, :func:`file_in`): a file, or an existing folder with the writer's
+default file name inside it.
+
+Tensor files (:func:`save_tensors`, :func:`save_safetensors`, :func:`read_safetensors`,
+:func:`check_tensors`, :func:`load_into`):
 safetensors files whose metadata ``format`` says which writer made them. A writer replaces an
 existing file only when it is one of its own format (never, e.g., the user's ``train.jsonl``);
 a loader checks the format, then every expected key, shape, dtype and finiteness before it
@@ -17,6 +21,7 @@ copies anything, so a failed load leaves the model as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -27,8 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-__all__ = ["write_atomic", "save_safetensors", "check_replaceable", "read_safetensors", "check_tensors",
-           "AdapterFileNotFoundError", "ADAPTERS", "EXPERTS", "TASK_ADAPTERS", "TRAINABLE", "LM_HEAD", "HEAD"]
+__all__ = ["write_atomic", "write_json", "save_safetensors", "save_tensors", "check_replaceable", "read_safetensors",
+           "check_tensors", "load_into", "as_path", "file_in", "AdapterFileNotFoundError", "ADAPTERS", "EXPERTS", "TASK_ADAPTERS", "TRAINABLE", "LM_HEAD", "HEAD"]
 
 ADAPTERS = "mixda_fast.adapters/1"
 EXPERTS = "mixda_fast.mode/1"
@@ -110,6 +115,30 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     return Path(path)
 
 
+def write_json(path: PathLike, data) -> Path:
+    """``data`` as indented JSON (keys sorted) through :func:`write_atomic`."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def as_path(path, fn: str) -> Path:
+    """``path`` as a Path; a TypeError naming ``fn`` when it is not a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path={path!r} is not accepted: expected a str or os.PathLike file path")
+    return Path(path)
+
+
+def file_in(path, fn: str, name: str, *, existing: tuple[str, ...] = (), writing: bool = False) -> Path:
+    """The file ``path`` names: ``path`` itself, or, when it is a folder, the first of
+    ``existing`` that is in it, else ``name`` in it. ``writing``: its folder must exist."""
+    path = as_path(path, fn)
+    if path.is_dir():
+        path = next((path / n for n in existing if (path / n).exists()), path / name)
+    if writing and not path.parent.is_dir():
+        raise ValueError(f"{fn}: path={str(path)!r} is not accepted: folder {str(path.parent)!r} does not exist")
+    return path
+
+
 def _format_of(path: Path) -> Optional[str]:
     """The ``format`` in a safetensors file's metadata, or None when it is not one."""
     try:
@@ -133,6 +162,13 @@ def save_safetensors(tensors: dict, path: PathLike, metadata: dict, fn: str = "s
     path = Path(path)
     check_replaceable(path, metadata["format"], fn)
     return write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def save_tensors(tensors: dict, path: PathLike, metadata: dict, fn: str) -> Path:
+    """Live tensors (parameters) saved as detached, contiguous CPU copies with
+    :func:`save_safetensors`; returns ``path``."""
+    cpu = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    return save_safetensors(cpu, path, metadata, fn)
 
 
 def read_safetensors(path: Path, fmt: str, fn: str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -174,3 +210,13 @@ def check_tensors(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Ten
             raise ValueError(f"{where}: tensor {k!r} has dtype {t.dtype}; the model expects {p.dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: tensor {k!r} holds non-finite values (NaN or Inf)")
+
+
+def load_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str,
+              optional: frozenset = frozenset()) -> None:
+    """:func:`check_tensors`, then copy every tensor into its target (nothing is copied unless
+    everything fits)."""
+    check_tensors(targets, tensors, where, optional)
+    with torch.no_grad():
+        for k, t in tensors.items():
+            targets[k].copy_(t)

@@ -1,23 +1,15 @@
-"""``save_pretrained`` of a patched model, and restoring it.
+"""Restoring a patched model that ``save_pretrained`` wrote.
 
-A patched FFN keeps the host's FFN as ``base_layer`` (and BERT's second projection as
-``down_proj``), so its parameters' names differ from the model's. State-dict hooks on each
-patched layer give the state dict the *original* names for the host's weights (and take them
-back on ``load_state_dict``), so that
-
-- ``patched.save_pretrained(d)`` writes every base weight under the name a plain
-  ``Model.from_pretrained(d)`` expects: the unpatched class loads the base model exactly and
-  reports the adapter and gate tensors as unused weights;
-- ``model.config.mixda_fast`` (saved in ``config.json``) records the method and its config, and
-  :func:`load_patched` rebuilds the whole patched model from the folder.
-
-Adapters, gates and MoDE experts keep their module names (``...mlp.adapters.<domain>...``,
-``...mlp.gate...``, ``...mode_blocks...``).
+``patch_model`` records the method and its config in ``model.config.mixda_fast``, which
+``save_pretrained`` writes into ``config.json``; each method keeps the base weights under the
+names a plain ``Model.from_pretrained(d)`` expects (MixDA: :mod:`mixda_fast.mixda.state_dict_names`;
+MoDE adds a module and renames nothing). :func:`load_patched` loads the base model, applies the
+recorded patch through the method registry and loads the patch's tensors from the same
+checkpoint, each checked before any is copied.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -26,77 +18,10 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from .families import FamilySpec
+from .io import check_tensors
+from .patch import CONFIG_KEY, method_named, methods, patch_model, unpatch_model
 
-__all__ = ["load_patched", "CONFIG_KEY"]
-
-CONFIG_KEY = "mixda_fast"
-"""Attribute of ``model.config`` (a key of ``config.json``): {"method": "mixda" | "mode", "config": {...}}."""
-
-
-class _Record:
-    """``model.config.mixda_fast`` for the time a patch lives; ``remove()`` restores what was there."""
-
-    def __init__(self, config, value: dict):
-        self.config = config
-        self.previous = config.__dict__.get(CONFIG_KEY, self)
-        setattr(config, CONFIG_KEY, value)
-
-    def remove(self) -> None:
-        if self.previous is self:
-            self.config.__dict__.pop(CONFIG_KEY, None)
-        else:
-            setattr(self.config, CONFIG_KEY, self.previous)
-
-
-class _NoRecord:
-    def remove(self) -> None:
-        pass
-
-
-def record_patch(model: nn.Module, method: str, config: dict):
-    """Write the patch into ``model.config`` (a handle whose ``remove()`` takes it out)."""
-    hf_config = getattr(model, "config", None)
-    if hf_config is None or not hasattr(hf_config, "to_dict"):
-        return _NoRecord()
-    return _Record(hf_config, {"method": method, "config": config})
-
-
-def _move(state_dict: dict, old: str, new: str, names) -> None:
-    for name in names:
-        if old + name in state_dict and new + name not in state_dict:
-            state_dict[new + name] = state_dict.pop(old + name)
-
-
-def _pairs(spec: FamilySpec, layer: nn.Module) -> list:
-    """(patched prefix, original prefix, module) of one patched transformer layer: the host
-    FFN's keys under ``<ffn>.base_layer.`` are saved as ``<ffn>.``, and a moved second
-    projection's under ``<ffn>.down_proj.`` as its own path (BERT: ``output.dense.``)."""
-    ffn = layer.get_submodule(spec.ffn)
-    pairs = [(f"{spec.ffn}.base_layer.", f"{spec.ffn}.", ffn.base_layer)]
-    if ffn.down_proj is not None:
-        pairs.append((f"{spec.ffn}.down_proj.", f"{spec.down}.", ffn.down_proj))
-    return pairs
-
-
-def _saved(spec: FamilySpec, layer, state_dict, prefix, local_metadata) -> None:
-    for patched, original, module in _pairs(spec, layer):
-        _move(state_dict, prefix + patched, prefix + original, list(module.state_dict()))
-
-
-def _loading(spec: FamilySpec, layer, state_dict, prefix, local_metadata, strict, missing, unexpected,
-             errors) -> None:
-    for patched, original, module in _pairs(spec, layer):
-        _move(state_dict, prefix + original, prefix + patched, list(module.state_dict()))
-
-
-def register_name_hooks(layers: list, spec: FamilySpec) -> list:
-    """State-dict post-hooks and load pre-hooks on the patched layers (handles to remove)."""
-    handles = []
-    for layer in layers:
-        handles.append(layer.register_state_dict_post_hook(functools.partial(_saved, spec)))
-        handles.append(layer.register_load_state_dict_pre_hook(functools.partial(_loading, spec)))
-    return handles
+__all__ = ["load_patched"]
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -121,14 +46,12 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
 
 
 def _patch_config(record, where: str):
-    from ..mixda.config import MixDAConfig
-    from ..mode.config import MoDEConfig
-
-    classes = {"mixda": MixDAConfig, "mode": MoDEConfig}
-    if not isinstance(record, dict) or record.get("method") not in classes or not isinstance(record.get("config"), dict):
+    method = method_named(record.get("method")) if isinstance(record, dict) else None
+    if method is None or not isinstance(record.get("config"), dict):
+        names = " | ".join(repr(m.name) for m in methods())
         raise ValueError(f"load_patched: {where} {CONFIG_KEY}={record!r} is not accepted: expected "
-                         "{'method': 'mixda' | 'mode', 'config': {...}} as patch_model writes it")
-    return classes[record["method"]].from_dict(record["config"])
+                         f"{{'method': {names}, 'config': {{...}}}} as patch_model writes it")
+    return method.config_class.from_dict(record["config"])
 
 
 def load_patched(model_class, path: Union[str, os.PathLike], **kwargs) -> nn.Module:
@@ -139,8 +62,6 @@ def load_patched(model_class, path: Union[str, os.PathLike], **kwargs) -> nn.Mod
 
     ``model_class``: a transformers model class (``BertForMaskedLM``, ``AutoModelForCausalLM``...).
     """
-    from ..mixda.patching import patch_model, unpatch_model
-
     if not callable(getattr(model_class, "from_pretrained", None)):
         raise TypeError(f"load_patched: model_class={model_class!r} is not accepted: expected a transformers "
                         "model class with from_pretrained (e.g. transformers.AutoModelForCausalLM)")
@@ -171,8 +92,6 @@ def load_patched(model_class, path: Union[str, os.PathLike], **kwargs) -> nn.Mod
 def _read_checked(files: dict[str, Path], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors named in ``targets``, checked (present, shape, finite)."""
     from safetensors import safe_open
-
-    from .io import check_tensors
 
     out = {}
     for file in {files[k] for k in targets if k in files}:

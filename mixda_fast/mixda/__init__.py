@@ -1,0 +1,21 @@
+"""MixDA: Mixture-of-Domain-Adapters (Diao et al., ACL 2023; docs/design.md sections 1 and 2).
+
+K domain adapters in parallel with each chosen FFN and a softmax gate mixing them
+(:class:`~.layer.MixDAFFN`), patched in place (:mod:`.patching`), saved per domain
+(:mod:`.saving`), trained in two stages (:mod:`.trainable`, :mod:`mixda_fast.training`).
+Importing this package registers the method with the core, so ``patch_model(model,
+MixDAConfig(...))`` lands in :func:`.patching.patch_mixda`.
+"""
+
+from ..core.patch import Method, register_method
+from .config import MixDAConfig
+from .layer import MixDAFFN
+from .patching import adapters_disabled, mixda_modules, patch_mixda
+from .saving import load_adapters, save_adapters
+from .trainable import STAGES, unfreeze
+
+__all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters"]
+
+register_method(Method(
+    name="mixda", title="MixDA", config_class=MixDAConfig, patch=patch_mixda, stages=STAGES, unfreeze=unfreeze,
+    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, ..."))

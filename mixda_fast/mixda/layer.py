@@ -67,6 +67,8 @@ class MixDAGate(nn.Sequential):
     """Dropout -> Linear(in, H) -> [ReLU -> Dropout -> Linear(H, H)] x (n-2) -> ReLU -> Dropout
     -> Linear(H, E): the released code's 4-Linear, width-768 gate for n = 4."""
 
+    is_gate = True          # its own learning rate in MixDATrainer (core.model.gate_parameters)
+
     def __init__(self, in_features: int, num_experts: int, hidden: int, num_linear: int,
                  dropout: float, device=None, dtype=None):
         mods: list[nn.Module] = []

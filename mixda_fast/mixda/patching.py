@@ -1,10 +1,11 @@
-"""Injecting MixDA layers into a HuggingFace model in place, and taking them out again.
+"""Injecting MixDA layers into a HuggingFace model in place (the MixDA half of
+:func:`mixda_fast.patch_model`), and what a patched model offers.
 
-PEFT's shape: ``patch_model`` swaps each chosen layer's FFN module for a
-:class:`~mixda_fast.mixda.layer.MixDAFFN` that keeps the original as ``base_layer``; ``unpatch_model``
-puts every original module back, so the model computes exactly what it did before. A failed patch
-leaves the model as it was: every new module is built before the first swap, and a swap that
-fails is rolled back.
+PEFT's shape: :func:`patch_mixda` swaps each chosen layer's FFN module for a
+:class:`~mixda_fast.mixda.layer.MixDAFFN` that keeps the original as ``base_layer``; every change
+goes through the core's journal, so ``unpatch_model`` (or a failed patch) puts every original
+module back and the model computes exactly what it did before. Every new module is built before
+the first swap.
 """
 
 from __future__ import annotations
@@ -12,56 +13,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch.nn as nn
 
 from ..core.call_state import CallState
-from .config import MixDAConfig
 from ..core.families import FamilySpec, family_of, is_causal
+from ..core.model import base_model_of, layer_list
+from ..core.patch import Journal, PatchState, patch_state
+from .config import MixDAConfig
 from .layer import FFNOutputBypass, MixDAFFN
-from ..core.pretrained import record_patch, register_name_hooks
+from .state_dict_names import register_name_hooks
 
-__all__ = ["patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled",
-           "base_model_of"]
-
-_STATE = "_mixda_fast_state"
+__all__ = ["patch_mixda", "mixda_modules", "mixda_state", "patch_config", "adapters_disabled"]
 
 
 @dataclass
-class _PatchState:
-    config: MixDAConfig
-    model_type: str
-    spec: FamilySpec
-    layers: list[int]
-    calls: CallState
-    # (parent module, attribute name, original module) for every swap, in order
-    swaps: list = field(default_factory=list)
-    hooks: list = field(default_factory=list)
+class MixDAPatchState(PatchState):
+    layers: list[int] = field(default_factory=list)
+    calls: Optional[CallState] = None
 
 
-def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformer under any task head (``model.base_model`` for HF models)."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
+def mixda_state(model: nn.Module, fn: str = "mixda_state") -> MixDAPatchState:
+    """The state of a MixDA patch; ``fn`` starts the error when ``model`` has none."""
+    return patch_state(model, fn, "mixda")
 
 
-def is_patched(model: nn.Module) -> bool:
-    """True when ``model`` carries a MixDA or a MoDE patch."""
-    from ..mode.patching import is_mode_patched
-
-    return isinstance(getattr(model, _STATE, None), _PatchState) or is_mode_patched(model)
-
-
-def _state(model: nn.Module, fn: str) -> _PatchState:
-    state = getattr(model, _STATE, None)
-    if not isinstance(state, _PatchState):
-        if is_patched(model):
-            raise ValueError(f"{fn}: model={type(model).__name__} is patched with MoDE, not MixDA; use the MoDE "
-                             "functions (mixda_fast.mode_blocks, save_experts, ...)")
-        raise ValueError(f"{fn}: model={type(model).__name__} is not patched: call "
-                         "mixda_fast.patch_model(model, config) first")
-    return state
+def patch_config(model: nn.Module) -> MixDAConfig:
+    """The config the model was patched with, ``gate`` resolved."""
+    return mixda_state(model, "patch_config").config
 
 
 def _resolve_layers(requested, n_layers: int) -> list[int]:
@@ -100,48 +80,36 @@ def _resolved(config: MixDAConfig, model: nn.Module, spec: FamilySpec, model_typ
     return dataclasses.replace(config, gate="token" if causal else "sequence")
 
 
-def patch_model(model: nn.Module, config) -> nn.Module:
-    """Add MixDA domain adapters and a gate to the FFNs that ``config.layers`` chooses, in place;
-    with a :class:`~mixda_fast.MoDEConfig`, add MoDE expert blocks instead (mixda_fast.mode).
+class _ReleaseHostWeights:
+    """Journal entry: W2 / b2 packed with the adapters get their own storage back."""
+
+    def __init__(self, modules: list[MixDAFFN]):
+        self.modules = modules
+
+    def remove(self) -> None:
+        for m in self.modules:
+            m.release_host_weights()
+
+
+def patch_mixda(model: nn.Module, config: MixDAConfig, journal: Journal) -> MixDAPatchState:
+    """Add MixDA domain adapters and a gate to the FFNs that ``config.layers`` chooses.
 
     ``config.gate=None`` becomes "token" for causal LMs and "sequence" for encoders in a copy of
     the config (:func:`patch_config`); "sequence" on a causal LM is refused (it would let every
-    position see later tokens). Returns ``model``. The base weights keep their values (freeze them
-    with :func:`mixda_fast.mark_trainable`; W2 is packed with the adapters,
-    ``MixDAFFN.pack_adapters``, until :func:`unpatch_model`). ``model.config.mixda_fast`` records
-    the patch for ``save_pretrained`` (:func:`mixda_fast.load_patched`). Raises TypeError/ValueError
-    naming the argument on bad input, and then the model is exactly as it was.
+    position see later tokens). W2 is packed with the adapters (``MixDAFFN.pack_adapters``) until
+    the patch is undone.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_model: model={type(model).__name__} is not accepted: expected a torch.nn.Module "
-                        "(a HuggingFace PreTrainedModel)")
-    from ..mode.config import MoDEConfig
-
-    if not isinstance(config, (MixDAConfig, MoDEConfig)):
-        raise TypeError(f"patch_model: config={config!r} is not accepted: expected a mixda_fast.MixDAConfig "
-                        "or a mixda_fast.MoDEConfig")
-    if is_patched(model):
-        raise ValueError("patch_model: model is already patched; call mixda_fast.unpatch_model(model) "
-                         "before patching it again")
-    if isinstance(config, MoDEConfig):
-        from ..mode.patching import patch_mode
-
-        return patch_mode(model, config)
     model_type, spec = family_of(model)
-    base = base_model_of(model)
-    try:
-        layer_list = base.get_submodule(spec.layers)
-    except AttributeError as e:
-        raise ValueError(f"patch_model: family {model_type!r} expects the layers at "
-                         f"base_model.{spec.layers}, which this model does not have ({e})") from None
-    layers = _resolve_layers(config.layers, len(layer_list))
+    host_layers = layer_list(model, model_type, spec, "patch_model")
+    layers = _resolve_layers(config.layers, len(host_layers))
     config = _resolved(config, model, spec, model_type)
-    calls = CallState(base, layer_list)
+    base = base_model_of(model)
+    calls = CallState(base, host_layers)
 
     # Build everything first: nothing in the model changes until every module exists.
     plans = []
     for i in layers:
-        layer = layer_list[i]
+        layer = host_layers[i]
         ffn_parent, ffn_name = _split_parent(layer, spec.ffn)
         base_ffn = getattr(ffn_parent, ffn_name)
         if isinstance(base_ffn, MixDAFFN):
@@ -152,68 +120,25 @@ def patch_model(model: nn.Module, config) -> nn.Module:
             moved = (down_parent, down_name, getattr(down_parent, down_name))
         new = MixDAFFN(base_ffn, spec, config, moved[2] if moved else None, calls, i)
         new.train(base_ffn.training)     # a model patched in eval mode stays in eval mode
-        plans.append((ffn_parent, ffn_name, base_ffn, new, moved))
+        plans.append((ffn_parent, ffn_name, new, moved))
 
-    state = _PatchState(config=config, model_type=model_type, spec=spec, layers=layers, calls=calls)
-    try:
-        for ffn_parent, ffn_name, base_ffn, new, moved in plans:
-            setattr(ffn_parent, ffn_name, new)
-            state.swaps.append((ffn_parent, ffn_name, base_ffn))
-            if moved:
-                setattr(moved[0], moved[1], FFNOutputBypass())
-                state.swaps.append(moved)
-        state.hooks = calls.register(base)
-        state.hooks += register_name_hooks([layer_list[i] for i in layers], spec)
-        for _, _, _, new, _ in plans:
-            new.pack_for_forward()       # now, not in a forward: threads may share the model
-        state.hooks.append(record_patch(model, "mixda", config.to_dict()))
-        setattr(model, _STATE, state)
-    except BaseException:
-        _undo(state)
-        for _, _, _, new, _ in plans:
-            new.release_host_weights()
-        raise
-    return model
-
-
-def _undo(state: _PatchState) -> None:
-    for handle in reversed(state.hooks):
-        handle.remove()
-    for parent, name, original in reversed(state.swaps):
-        setattr(parent, name, original)
-    state.swaps.clear()
-    state.hooks.clear()
-
-
-def unpatch_model(model: nn.Module) -> nn.Module:
-    """Put every original module back and drop the adapters; the model computes exactly what it
-    computed before :func:`patch_model`. Returns ``model``."""
-    from ..mode.patching import is_mode_patched, unpatch_mode
-
-    if is_mode_patched(model):
-        return unpatch_mode(model)
-    state = _state(model, "unpatch_model")
-    for m in mixda_modules(model).values():
-        m.release_host_weights()            # W2 / b2 packed with the adapters get their own storage
-    _undo(state)
-    delattr(model, _STATE)
-    return model
+    journal.hook(_ReleaseHostWeights([new for _, _, new, _ in plans]))     # undone last
+    for ffn_parent, ffn_name, new, moved in plans:
+        journal.swap(ffn_parent, ffn_name, new)
+        if moved:
+            journal.swap(moved[0], moved[1], FFNOutputBypass())
+    journal.hook(*calls.register(base))
+    journal.hook(*register_name_hooks([host_layers[i] for i in layers], spec))
+    for _, _, new, _ in plans:
+        new.pack_for_forward()           # now, not in a forward: threads may share the model
+    return MixDAPatchState(config=config, model_type=model_type, spec=spec, layers=layers, calls=calls)
 
 
 def mixda_modules(model: nn.Module) -> dict[int, MixDAFFN]:
     """The patched FFNs of ``model``, keyed by 0-based layer index."""
-    state = _state(model, "mixda_modules")
-    base = base_model_of(model)
-    layer_list = base.get_submodule(state.spec.layers)
-    return {i: layer_list[i].get_submodule(state.spec.ffn) for i in state.layers}
-
-
-def patch_config(model: nn.Module) -> MixDAConfig:
-    return _state(model, "patch_config").config
-
-
-def patch_state(model: nn.Module) -> _PatchState:
-    return _state(model, "patch_state")
+    state = mixda_state(model, "mixda_modules")
+    layers = layer_list(model, state.model_type, state.spec, "mixda_modules")
+    return {i: layers[i].get_submodule(state.spec.ffn) for i in state.layers}
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ A file holds either everything trainable in the patch (every domain adapter and 
 ``domain=None``) or one domain's adapters (``domain="name"``: what stage 1 produces, loaded
 into any slot by stage 2). Loading checks the family, the layers, the widths and K strictly and
 says what differs, and every tensor's name, shape and finiteness is checked before any is copied.
-Files are written with :func:`mixda_fast.core.io.save_safetensors` (atomic, and never over a file
+Files are written with :func:`mixda_fast.core.io.save_tensors` (atomic, and never over a file
 that is not an adapter file).
 """
 
@@ -18,20 +18,13 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from ..core.io import ADAPTERS as FORMAT, AdapterFileNotFoundError, file_in, load_into, read_safetensors, save_tensors
 from .config import MixDAConfig
-from ..core.io import (ADAPTERS as FORMAT, AdapterFileNotFoundError, check_tensors, read_safetensors,
-    save_safetensors)
-from .patching import mixda_modules, patch_state
+from .patching import mixda_modules, mixda_state
 
 __all__ = ["save_adapters", "load_adapters", "AdapterFileNotFoundError", "FORMAT"]
 
 _STRUCTURAL = ("reduction_factor", "adapter_input", "gate", "gate_hidden", "gate_layers", "mixing")
-
-
-def _as_path(path, fn: str) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{fn}: path={path!r} is not accepted: expected a str or os.PathLike file path")
-    return Path(path)
 
 
 def _file_name(domain: Optional[str]) -> str:
@@ -41,7 +34,7 @@ def _file_name(domain: Optional[str]) -> str:
 def _check_domain(model: nn.Module, domain, fn: str) -> None:
     if domain is None:
         return
-    names = patch_state(model).config.domains
+    names = mixda_state(model, fn).config.domains
     if not isinstance(domain, str) or domain not in names:
         raise ValueError(f"{fn}: domain={domain!r} is not accepted: the model's domains are {list(names)}")
 
@@ -67,18 +60,13 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     ``path`` is a file, or an existing directory (then ``mixda_adapters.safetensors`` or
     ``mixda_adapter_<domain>.safetensors`` inside it). Returns the file written.
     """
-    path = _as_path(path, "save_adapters")
-    state = patch_state(model)
+    path = file_in(path, "save_adapters", _file_name(domain), writing=True)
+    state = mixda_state(model, "save_adapters")
     _check_domain(model, domain, "save_adapters")
-    if path.is_dir():
-        path = path / _file_name(domain)
-    if not path.parent.is_dir():
-        raise ValueError(f"save_adapters: path={str(path)!r} is not accepted: folder {str(path.parent)!r} does not exist")
-    tensors = {k: p.detach().contiguous().cpu() for k, p in _tensors(model, domain).items()}
     metadata = {"format": FORMAT, "kind": "all" if domain is None else "domain",
                 "model_type": state.model_type, "config": state.config.to_json(),
                 "layers": json.dumps(state.layers), "domain": domain or ""}
-    return save_safetensors(tensors, path, metadata, "save_adapters")
+    return save_tensors(_tensors(model, domain), path, metadata, "save_adapters")
 
 
 
@@ -91,12 +79,9 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     (family, layers, widths, K, domain names, shapes, non-finite values); on error nothing is
     changed.
     """
-    path = _as_path(path, "load_adapters")
-    state = patch_state(model)
+    path = file_in(path, "load_adapters", _file_name(domain), existing=(_file_name(None), _file_name(domain)))
+    state = mixda_state(model, "load_adapters")
     _check_domain(model, domain, "load_adapters")
-    if path.is_dir():
-        candidates = [p for p in (path / _file_name(None), path / _file_name(domain)) if p.exists()]
-        path = candidates[0] if candidates else path / _file_name(domain)
     meta, tensors = read_safetensors(path, FORMAT, "load_adapters")
     where = f"load_adapters: {str(path)!r}"
     if meta.get("model_type") != state.model_type:
@@ -130,9 +115,6 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
         prefix = ".adapters." + domain + "."
         tensors = {k.replace(prefix, ".adapter."): v for k, v in tensors.items() if prefix in k}
     targets = _tensors(model, None if kind == "all" and domain is None else domain)
-    check_tensors(targets, tensors, where)
-    with torch.no_grad():
-        for k, p in targets.items():
-            p.copy_(tensors[k])
+    load_into(targets, tensors, where)
     return model
 

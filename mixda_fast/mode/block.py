@@ -158,6 +158,7 @@ class MoDEBlock(nn.Module):
             self.gate.weight.normal_(0.0, gate_std)
             self.gate.bias.zero_()
         self.gate._is_hf_initialized = True
+        self.gate.is_gate = True              # its own learning rate in MixDATrainer (gate_parameters)
         self.hidden_size = hidden_size
         self.execution = execution
         self.force_gate: Optional[int] = None

@@ -11,9 +11,10 @@ connect them to HuggingFace's own layer loop:
   ``output_hidden_states`` hooks see the mixed result) replaces the layer's output with
   ``a_bb * backbone + sum_j a_j * expert_j``.
 
-:func:`mixda_fast.unpatch_model` removes the hooks and the ModuleList: the model is then exactly
-what it was. A failed patch leaves the model unchanged (everything is built before anything is
-attached). The hooks are objects holding their block, so ``copy.deepcopy(model)`` works.
+:func:`mixda_fast.unpatch_model` removes the hooks and the ModuleList (every change goes through
+the core's journal): the model is then exactly what it was. A failed patch leaves the model
+unchanged (everything is built before anything is attached). The hooks are objects holding
+their block, so ``copy.deepcopy(model)`` works.
 """
 
 from __future__ import annotations
@@ -29,51 +30,40 @@ import torch.nn as nn
 
 from ..core.call_state import CallState
 from ..core.families import FamilySpec, family_of, linear_weight
-from ..core.pretrained import record_patch
+from ..core.model import base_model_of, layer_list
+from ..core.patch import Journal, PatchState, is_patched, patch_state
 from .block import MoDEBlock
 from .config import MoDEConfig
 
-__all__ = ["patch_mode", "unpatch_mode", "is_mode_patched", "mode_blocks", "mode_state", "experts_disabled",
-           "gate_forced", "CONTAINER"]
+__all__ = ["patch_mode", "is_mode_patched", "mode_blocks", "mode_state", "experts_disabled", "gate_forced",
+           "CONTAINER"]
 
 logger = logging.getLogger(__name__)
 
-_STATE = "_mixda_fast_mode_state"
 CONTAINER = "mode_blocks"
 """Attribute of ``model.base_model`` that holds the MoDE blocks while the model is patched."""
 
 
 @dataclass
-class MoDEPatchState:
-    config: MoDEConfig
-    model_type: str
-    spec: FamilySpec
-    num_layers: int
-    layer_class: str
-    hidden_size: int
-    hooks: list = field(default_factory=list)
-
-
-def _base(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
+class MoDEPatchState(PatchState):
+    num_layers: int = 0
+    layer_class: str = ""
+    hidden_size: int = 0
 
 
 def is_mode_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, _STATE, None), MoDEPatchState)
+    return is_patched(model) and patch_state(model, "is_mode_patched").method.name == "mode"
 
 
 def mode_state(model: nn.Module, fn: str = "mode_state") -> MoDEPatchState:
-    if not is_mode_patched(model):
-        raise ValueError(f"{fn}: model={type(model).__name__} is not patched with MoDE: call "
-                         "mixda_fast.patch_model(model, mixda_fast.MoDEConfig(...)) first")
-    return getattr(model, _STATE)
+    """The state of a MoDE patch; ``fn`` starts the error when ``model`` has none."""
+    return patch_state(model, fn, "mode")
 
 
 def mode_blocks(model: nn.Module) -> list[MoDEBlock]:
     """The model's MoDE blocks, in layer order."""
     mode_state(model, "mode_blocks")
-    return list(getattr(_base(model), CONTAINER))
+    return list(getattr(base_model_of(model), CONTAINER))
 
 
 class _Entry:
@@ -144,17 +134,13 @@ def _copy_layer(layer: nn.Module) -> nn.Module:
     return new
 
 
-def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
+def patch_mode(model: nn.Module, config: MoDEConfig, journal: Journal) -> MoDEPatchState:
     """The MoDE half of :func:`mixda_fast.patch_model` (type checks and the already-patched
-    check are done there)."""
+    check are done there): builds every block, then attaches them through ``journal``."""
     model_type, spec = family_of(model)
-    base = _base(model)
-    try:
-        layer_list = base.get_submodule(spec.layers)
-    except AttributeError as e:
-        raise ValueError(f"patch_model: family {model_type!r} expects the layers at base_model.{spec.layers}, "
-                         f"which this model does not have ({e})") from None
-    L, B, N, Le = len(layer_list), config.num_blocks, config.num_experts, config.expert_layers
+    base = base_model_of(model)
+    backbone = layer_list(model, model_type, spec, "patch_model")
+    L, B, N, Le = len(backbone), config.num_blocks, config.num_experts, config.expert_layers
     if L % B != 0:
         divisors = [b for b in range(1, L + 1) if L % b == 0]
         raise ValueError(f"MoDEConfig.num_blocks={B} is not accepted for this model: its {L} layers cannot be cut "
@@ -162,31 +148,31 @@ def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
     if hasattr(base, CONTAINER):
         raise ValueError(f"patch_model: base_model already has an attribute {CONTAINER!r}; is it patched already?")
     n = L // B
-    first = layer_list[0]
+    first = backbone[0]
     hidden = _hidden_size(first, spec)
     ref = next(first.parameters())
     std = float(getattr(base.config, "initializer_range", None) or 0.02)
 
-    calls = CallState(base, layer_list)
+    calls = CallState(base, backbone)
     blocks = []
     for i in range(B):
         start, stop = i * n, (i + 1) * n
-        kind = getattr(layer_list[start], "attention_type", None)
+        kind = getattr(backbone[start], "attention_type", None)
         experts = {}
         for name in config.domains:
             layers = []
             for k in range(Le):
                 if config.expert_init == "copy":
                     src = _source_index(start, n, k, Le)
-                    if getattr(layer_list[src], "attention_type", None) != kind:
+                    if getattr(backbone[src], "attention_type", None) != kind:
                         raise ValueError(
                             f"patch_model: MoDE block {i} mixes attention types (layer {start}: {kind!r}, layer {src}: "
-                            f"{getattr(layer_list[src], 'attention_type', None)!r}); expert layers receive the block's "
+                            f"{getattr(backbone[src], 'attention_type', None)!r}); expert layers receive the block's "
                             "first attention mask. Choose num_blocks / expert_layers so copied layers share a type, "
                             "or use expert_init='random'")
-                    layer = _copy_layer(layer_list[src])
+                    layer = _copy_layer(backbone[src])
                 else:
-                    layer = _new_layer(model, base, layer_list[start], start)
+                    layer = _new_layer(model, base, backbone[start], start)
                 layers.append(layer)
             experts[name] = layers
         block = MoDEBlock(i, start, stop, experts, hidden, spec, model_type, config.execution,
@@ -194,37 +180,13 @@ def patch_mode(model: nn.Module, config: MoDEConfig) -> nn.Module:
         block.train(first.training)
         blocks.append(block)
 
-    state = MoDEPatchState(config=config, model_type=model_type, spec=spec, num_layers=L,
-                           layer_class=type(first).__name__, hidden_size=hidden)
-    try:
-        base.add_module(CONTAINER, nn.ModuleList(blocks))
-        for block in blocks:
-            state.hooks.append(layer_list[block.start].register_forward_pre_hook(_Entry(block), with_kwargs=True))
-            state.hooks.append(layer_list[block.stop - 1].register_forward_hook(
-                _Exit(block), with_kwargs=True, prepend=True))
-        state.hooks += calls.register(base)
-        state.hooks.append(record_patch(model, "mode", config.to_dict()))
-        setattr(model, _STATE, state)
-    except BaseException:
-        _undo(model, state)
-        raise
-    return model
-
-
-def _undo(model: nn.Module, state: MoDEPatchState) -> None:
-    for handle in reversed(state.hooks):
-        handle.remove()
-    state.hooks.clear()
-    base = _base(model)
-    if CONTAINER in base._modules:
-        del base._modules[CONTAINER]
-
-
-def unpatch_mode(model: nn.Module) -> nn.Module:
-    state = mode_state(model, "unpatch_model")
-    _undo(model, state)
-    delattr(model, _STATE)
-    return model
+    journal.add_module(base, CONTAINER, nn.ModuleList(blocks))
+    for block in blocks:
+        journal.hook(backbone[block.start].register_forward_pre_hook(_Entry(block), with_kwargs=True),
+                     backbone[block.stop - 1].register_forward_hook(_Exit(block), with_kwargs=True, prepend=True))
+    journal.hook(*calls.register(base))
+    return MoDEPatchState(config=config, model_type=model_type, spec=spec, num_layers=L,
+                          layer_class=type(first).__name__, hidden_size=hidden)
 
 
 def _expert_index(model: nn.Module, expert: Union[int, str], fn: str) -> int:

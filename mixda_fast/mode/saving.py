@@ -6,7 +6,7 @@ builds an (N+1)-way model from N such files with :func:`compose_experts`. ``doma
 or loads the whole patch (every expert and the full gates). Loading checks the family, the layer
 class, the depth, the width, the blocks and the expert depth strictly and says what differs, and
 every tensor (gate rows included) by name, shape and finiteness before any is copied; files are
-written with :func:`mixda_fast.core.io.save_safetensors` (atomic; never over another kind of file).
+written with :func:`mixda_fast.core.io.save_tensors` (atomic; never over another kind of file).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from ..core.io import EXPERTS as FORMAT, check_tensors, read_safetensors, save_safetensors
-from ..mixda.saving import _as_path
+from ..core.io import EXPERTS as FORMAT, check_tensors, file_in, load_into, read_safetensors, save_tensors
+from ..core.patch import is_patched, patch_model, unpatch_model
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
@@ -66,31 +66,23 @@ def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
     ``mode_experts.safetensors`` or ``mode_expert_<domain>.safetensors`` inside it). Returns the
     file written.
     """
-    path = _as_path(path, "save_experts")
+    path = file_in(path, "save_experts", _file_name(domain), writing=True)
     _check_domain(model, domain, "save_experts")
-    if path.is_dir():
-        path = path / _file_name(domain)
-    if not path.parent.is_dir():
-        raise ValueError(f"save_experts: path={str(path)!r} is not accepted: folder {str(path.parent)!r} does not exist")
-    tensors = {k: t.detach().contiguous().cpu() for k, t in _expert_tensors(model, domain).items()}
+    tensors = _expert_tensors(model, domain)
     names = mode_state(model).config.domains
     for i, block in enumerate(mode_blocks(model)):
         w, b = block.gate.weight.detach(), block.gate.bias.detach()
         if domain is not None:
             rows = [names.index(domain), len(names)]
             w, b = w[rows], b[rows]
-        tensors[f"blocks.{i}.gate.weight"] = w.contiguous().cpu()
-        tensors[f"blocks.{i}.gate.bias"] = b.contiguous().cpu()
-    return save_safetensors(tensors, path, _metadata(model, "all" if domain is None else "expert", domain),
+        tensors[f"blocks.{i}.gate.weight"] = w
+        tensors[f"blocks.{i}.gate.bias"] = b
+    return save_tensors(tensors, path, _metadata(model, "all" if domain is None else "expert", domain),
                             "save_experts")
 
 
 def _resolve(path, fn: str, domain: Optional[str] = None) -> Path:
-    path = _as_path(path, fn)
-    if path.is_dir():
-        candidates = [p for p in (path / _file_name(domain), path / _file_name(None)) if p.exists()]
-        path = candidates[0] if candidates else path / _file_name(domain)
-    return path
+    return file_in(path, fn, _file_name(domain), existing=(_file_name(domain), _file_name(None)))
 
 
 def _read(path: Path, fn: str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -171,10 +163,8 @@ def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
                    for k, v in _expert_tensors(model, domain).items()}
         if gate:
             rows = [names.index(domain), len(names)] if len(names) == 1 else [names.index(domain)]
-    check_tensors(targets, tensors, where)
+    load_into(targets, tensors, where)
     with torch.no_grad():
-        for k, p in targets.items():
-            p.copy_(tensors[k])
         for i, block in enumerate(blocks if rows else ()):
             block.gate.weight[rows] = gate_tensors[f"blocks.{i}.gate.weight"][: len(rows)].to(block.gate.weight)
             block.gate.bias[rows] = gate_tensors[f"blocks.{i}.gate.bias"][: len(rows)].to(block.gate.bias)
@@ -196,8 +186,6 @@ def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], 
     model exactly); ``"uniform"``: all zeros (equal weights). Returns ``model``; on error the
     model is left unpatched.
     """
-    from ..mixda.patching import is_patched, patch_model, unpatch_model
-
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)) or not paths:
         raise TypeError(f"compose_experts: paths={paths!r} is not accepted: expected a non-empty list of expert files")
     if gate_init not in ("saved", "uniform"):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..mixda.patching import base_model_of
+from ..core.model import base_model_of
 from .data import KnowledgeCollator, TaskCollator, encode_knowledge, encode_task, encode_texts, load_knowledge, \
     load_task, load_texts
 from .losses import is_causal_lm, lm_head_of
@@ -26,12 +26,12 @@ from .trainer import accuracy_and_macro_f1
 __all__ = ["fact_exact_match", "predict_task", "evaluate_task", "hidden_states", "general_drift"]
 
 
-def _batches(ds, collator, batch_size):
+def batches(ds, collator, batch_size):
     for i in range(0, len(ds), batch_size):
         yield collator([ds[j] for j in range(i, min(len(ds), i + batch_size))])
 
 
-def _predicted_logits(model: nn.Module, head: Optional[nn.Module], batch: dict, causal: bool):
+def predicted_logits(model: nn.Module, head: Optional[nn.Module], batch: dict, causal: bool):
     """(logits (N, V) at the N predicted positions, labels (B, T'), sel = labels != -100) of a
     ``KnowledgeCollator`` batch, shifted by one for causal LMs. With a separate LM ``head`` only
     the selected rows of the base model's hidden states go through it."""
@@ -65,8 +65,8 @@ def fact_exact_match(model: nn.Module, tokenizer, knowledge, *, batch_size: int 
     model.eval()
     hits, tok_hits, tok_total = 0, 0, 0
     try:
-        for batch in _batches(ds, collator, batch_size):
-            logits, labels, sel = _predicted_logits(model, head, batch, causal)
+        for batch in batches(ds, collator, batch_size):
+            logits, labels, sel = predicted_logits(model, head, batch, causal)
             pred = logits.argmax(-1)
             correct = torch.zeros_like(labels, dtype=torch.bool)
             correct[sel] = pred == labels[sel]
@@ -88,7 +88,7 @@ def predict_task(model: nn.Module, dataset, tokenizer, task: str = "classificati
     model.eval()
     preds, golds = [], []
     try:
-        for batch in _batches(dataset, collator, batch_size):
+        for batch in batches(dataset, collator, batch_size):
             labels = batch.pop("labels")
             logits = model(**batch).logits
             preds.append(logits.argmax(-1).numpy())

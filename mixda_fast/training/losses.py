@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.call_state import StopForward
-from ..mixda.patching import base_model_of, is_patched, patch_state
+from ..core.model import base_model_of
+from ..core.patch import is_patched
+from ..mixda.patching import mixda_state
 
 __all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "ModelObjective", "Stage1Model", "is_causal_lm"]
 
@@ -133,7 +135,7 @@ class Stage1Model(ModelObjective):
         if not is_patched(self.model):
             raise ValueError("Stage1Model: L_old needs a patched model (mixda_fast.patch_model); this one is not, "
                              "so pass no general text (old_input_ids)")
-        state = patch_state(self.model)
+        state = mixda_state(self.model, "Stage1Model")
         captures: list = []
         with state.calls.collecting(captures, stop_after=max(state.layers)):
             try:

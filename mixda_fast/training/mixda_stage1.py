@@ -1,4 +1,4 @@
-"""Stage 1 of MixDA: train one domain adapter on domain knowledge (DESIGN.md section 2).
+"""Stage 1 of MixDA: train one domain adapter on domain knowledge (docs/design.md section 2).
 
 The base model is frozen; the domain adapter and the gate train (the gate optionally frozen),
 with loss ``lambda * L_knowledge + L_old`` (lambda = 0.5): masked-LM (or causal-LM) cross-entropy
@@ -19,48 +19,28 @@ from typing import Any, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from ..mixda.config import MixDAConfig
 from ..core.families import family_of
-from ..mixda.patching import base_model_of, is_patched, patch_config, patch_model
+from ..core.io import LM_HEAD
+from ..core.model import count_parameters, head_parameters, layer_list
+from ..core.patch import is_patched, mark_trainable, patch_model
+from ..mixda.config import MixDAConfig
+from ..mixda.layer import MixDAGate
+from ..mixda.patching import patch_config
 from ..mixda.saving import save_adapters
-from ..mixda.trainable import _head_parameters, count_parameters, mark_trainable
 from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_texts, load_knowledge,
                    load_texts)
 from .losses import Stage1Model, is_causal_lm
-from ..core.io import LM_HEAD, save_safetensors
-from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
+from .runs import save_head, write_run
+from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments
 
-__all__ = ["default_layers", "load_lm", "run_stage1", "Stage1Result", "RUN_FILE"]
+__all__ = ["default_layers", "run_stage1", "Stage1Result"]
 
 logger = logging.getLogger(__name__)
-RUN_FILE = "mixda_run.json"
-RUN_FORMAT = "mixda_fast.run/1"
 
 
 def default_layers(num_layers: int) -> list[int]:
     """The paper's choice (layers 7 and 11 of RoBERTa-large's 24) scaled to ``num_layers``."""
     return sorted({min(num_layers - 1, int(num_layers * f + 0.5)) for f in (7 / 24, 11 / 24)})
-
-
-def load_lm(path: Union[str, os.PathLike], **kwargs):
-    """(language model, tokenizer, missing head keys) from a local checkpoint folder: a masked LM
-    for families that have one (BERT, RoBERTa), else a causal LM. Local files only. Keys the
-    checkpoint lacks (e.g. the MLM head of a sentence-embedding checkpoint) are returned so the
-    caller can say that the head is freshly initialised."""
-    import transformers as tf
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    path = str(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {path!r} is not a folder; expected a local HuggingFace "
-                                "checkpoint (config.json, weights, tokenizer files); nothing is downloaded")
-    config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
-    cls = tf.AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else tf.AutoModelForCausalLM
-    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, list(info.get("missing_keys", []))
 
 
 @dataclass
@@ -113,7 +93,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     family_of(model)
     seed_before_init(training_args)
     if not is_patched(model):
-        n_layers = len(base_model_of(model).get_submodule(family_of(model)[1].layers))
+        n_layers = len(layer_list(model, *family_of(model), "run_stage1"))
         config = config or MixDAConfig(domains=[domain], layers=default_layers(n_layers))
         patch_model(model, config)
     elif config is not None and config is not patch_config(model):
@@ -130,10 +110,10 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         train_gate = False
     if not train_gate:
         for m in model.modules():
-            if type(m).__name__ == "MixDAGate":
+            if isinstance(m, MixDAGate):
                 m.requires_grad_(False)
     if train_lm_head:
-        for p in _head_parameters(model):
+        for p in head_parameters(model):
             p.requires_grad_(True)
     if general is None:
         logger.warning("run_stage1: no general text given: L_old (the old-knowledge loss) is off")
@@ -163,12 +143,9 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         files["domain_adapter"] = save_adapters(model, output_dir, domain=domain).name
         files["adapters"] = save_adapters(model, output_dir).name
         if train_lm_head:
-            head = {n: p for n, p in model.named_parameters() if any(p is q for q in _head_parameters(model))}
-            save_safetensors({n: p.detach().contiguous().cpu() for n, p in head.items()},
-                             output_dir / "lm_head.safetensors", {"format": LM_HEAD}, "run_stage1")
-            files["lm_head"] = "lm_head.safetensors"
-        write_json_atomic(str(output_dir / RUN_FILE), {
-            "format": RUN_FORMAT, "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],
+            files["lm_head"] = save_head(model, output_dir / "lm_head.safetensors", LM_HEAD, "run_stage1", lm=True)
+        write_run(output_dir, {
+            "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],
             "domain": domain, "config": config.to_dict(), "files": files, "causal": causal,
             "knowledge": sources["knowledge"], "general": sources["general"],
             "knowledge_weight": knowledge_weight, "old_weight": old_weight, "max_length": max_length,

@@ -1,4 +1,4 @@
-"""Stage 2 of MixDA: a task on top of K frozen domain adapters (DESIGN.md section 2).
+"""Stage 2 of MixDA: a task on top of K frozen domain adapters (docs/design.md section 2).
 
 The K domain adapters trained in stage 1 are loaded (frozen), a task adapter is added
 (:mod:`~mixda_fast.task_adapters`: Pfeiffer after each FFN output, bottleneck = hidden
@@ -12,7 +12,6 @@ rebuilds the trained model from it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,20 +22,20 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..mixda.config import MixDAConfig
-from ..mode.config import MoDEConfig
-from ..core.validate import check_choice, check_int, check_labels, check_name, fail, run_file
 from ..core.families import family_of
-from ..mixda.patching import is_patched, patch_config, patch_model
+from ..core.io import HEAD, LM_HEAD
+from ..core.model import count_parameters, head_parameters
+from ..core.patch import is_patched, mark_trainable, patch_model
+from ..mixda.config import MixDAConfig
+from ..mixda.layer import MixDAGate
+from ..mixda.patching import patch_config
 from ..mixda.saving import load_adapters, save_adapters
-from ..mixda.trainable import _head_parameters, count_parameters, mark_trainable
-from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
-from .mixda_stage1 import RUN_FILE, RUN_FORMAT
-from ..core.io import HEAD, LM_HEAD, check_tensors, read_safetensors, save_safetensors
 from ..task_adapters import add_task_adapters, has_task_adapters, load_task_adapters, save_task_adapters
-from .trainer import MixDATrainer, StepTimer, classification_metrics, training_arguments, write_json_atomic
+from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
+from .runs import load_head, load_lm, read_run, save_head, write_run
+from .trainer import MixDATrainer, StepTimer, classification_metrics, training_arguments
 
-__all__ = ["read_run", "build_stage2_model", "run_stage2", "load_run", "Stage2Result", "task_model_class"]
+__all__ = ["build_stage2_model", "run_stage2", "load_run", "freeze_for_task", "Stage2Result", "task_model_class"]
 
 logger = logging.getLogger(__name__)
 _STRUCTURAL = ("layers", "reduction_factor", "adapter_input", "gate", "gate_hidden", "gate_layers", "mixing",
@@ -49,46 +48,6 @@ def task_model_class(task: str):
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not accepted: expected one of {' | '.join(map(repr, TASKS))}")
     return tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForMultipleChoice
-
-
-def read_run(run_dir: Union[str, os.PathLike]) -> dict:
-    """The ``mixda_run.json`` manifest of a stage-1 or stage-2 output folder."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a mixda_fast run folder: {RUN_FILE} is missing "
-                                "(expected the output folder of `mixda-fast stage1` or `stage2`)")
-    try:
-        run = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)}:{e.lineno}: malformed JSON: {e.msg}") from None
-    if not isinstance(run, dict):
-        fail(f"{path}", type(run).__name__, "a JSON object (the run manifest)")
-    if run.get("format") != RUN_FORMAT:
-        raise ValueError(f"{str(path)!r} has format={run.get('format')!r}; expected {RUN_FORMAT!r}")
-    method = check_choice(f"{path}: method", run.get("method", "mixda"), ("mixda", "mode"))
-    stage = check_choice(f"{path}: stage", run.get("stage"), (1, 2))
-    files = run.get("files")
-    if not isinstance(files, dict):
-        fail(f"{path}: files", files, "a dict of file names in the run folder", TypeError)
-    for key, name in files.items():
-        run_file(f"{path}: files[{key!r}]", Path(run_dir), name)
-    required = {("mixda", 1): ("adapters",), ("mixda", 2): ("head",) + (("adapters",) if run.get("config") else ()),
-                ("mode", 1): ("expert", "experts"), ("mode", 2): ("experts",)}[(method, stage)]
-    for key in required:
-        if key not in files:
-            raise ValueError(f"{path}: files={files!r} is not accepted: expected the entry {key!r} of a {method} "
-                             f"stage-{stage} run")
-    config = run.get("config")
-    if config is not None or method == "mode" or stage == 1:
-        (MoDEConfig if method == "mode" else MixDAConfig).from_dict(config, source=f"{path}: config")
-    if stage == 1:
-        check_name(f"{path}: domain", run.get("domain"))
-    if "max_length" in run:
-        check_int(f"{path}: max_length", run["max_length"], 1, cap="MAX_INT")
-    if method == "mixda" and stage == 2:
-        check_choice(f"{path}: task", run.get("task"), TASKS)
-        check_labels(f"{path}: labels", run.get("labels"))
-    return run
 
 
 def _domain_config(runs: list[tuple[Path, dict]]) -> MixDAConfig:
@@ -150,17 +109,19 @@ def build_stage2_model(base: Union[str, os.PathLike, nn.Module], *, task: str = 
                 load_adapters(model, d / run["files"]["domain_adapter"], domain=run["domain"])
     if task_adapter is not None:
         add_task_adapters(model, task_adapter, reduction_factor)
-    _freeze_for_task(model)
+    freeze_for_task(model)
     return model
 
 
-def _freeze_for_task(model: nn.Module) -> None:
+def freeze_for_task(model: nn.Module) -> None:
+    """Stage 2's trainable set: gates, task adapters and the head; on an unpatched model (the
+    task-adapter-only baseline) the task adapters and the head."""
     if is_patched(model):
         mark_trainable(model, "task")
         config = patch_config(model)
         if config.mixing == "residual" and config.num_domains == 1:   # a one-entry softmax: constant
             for m in model.modules():
-                if type(m).__name__ == "MixDAGate":
+                if isinstance(m, MixDAGate):
                     m.requires_grad_(False)
         return
     for p in model.parameters():
@@ -168,16 +129,8 @@ def _freeze_for_task(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "is_task_adapter", False):
             m.requires_grad_(True)
-    for p in _head_parameters(model):
+    for p in head_parameters(model):
         p.requires_grad_(True)
-
-
-def _head_named(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The task head, plus any parameter the checkpoint did not hold (freshly initialised at
-    load, e.g. a pooler): what head.safetensors must hold to rebuild the model."""
-    ids = {id(p) for p in _head_parameters(model)}
-    fresh = set(getattr(model, "_mixda_fresh_keys", ()))
-    return {n: p for n, p in model.named_parameters() if id(p) in ids or n in fresh}
 
 
 @dataclass
@@ -243,12 +196,9 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
             files["adapters"] = save_adapters(model, output_dir).name
         if has_task_adapters(model):
             files["task_adapters"] = save_task_adapters(model, output_dir).name
-        head = _head_named(model)
-        save_safetensors({n: p.detach().contiguous().cpu() for n, p in head.items()}, output_dir / "head.safetensors",
-                         {"format": HEAD}, "run_stage2")
-        files["head"] = "head.safetensors"
-        write_json_atomic(str(output_dir / RUN_FILE), {
-            "format": RUN_FORMAT, "stage": 2, "base_model": base_model_path, "model_type": family_of(model)[0],
+        files["head"] = save_head(model, output_dir / "head.safetensors", HEAD, "run_stage2")
+        write_run(output_dir, {
+            "stage": 2, "base_model": base_model_path, "model_type": family_of(model)[0],
             "task": task, "labels": list(labels), "max_length": max_length, "files": files,
             "config": patch_config(model).to_dict() if is_patched(model) else None,
             "domain_runs": [str(d) for d in domain_runs], "train": source, "k_shot": k_shot, "seed": seed,
@@ -264,8 +214,6 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
     ``base_model`` overrides the checkpoint folder recorded in the manifest."""
     import transformers as tf
 
-    from .mixda_stage1 import load_lm
-
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     base = base_model or run.get("base_model")
@@ -276,7 +224,7 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
         patch_model(model, MixDAConfig.from_dict(run["config"]))
         load_adapters(model, run_dir / run["files"]["adapters"])
         if "lm_head" in run["files"]:
-            _load_named(model, run_dir / run["files"]["lm_head"], LM_HEAD)
+            load_head(model, run_dir / run["files"]["lm_head"], LM_HEAD)
     else:
         model, info = task_model_class(run["task"]).from_pretrained(str(base), num_labels=len(run["labels"]),
                                                                     local_files_only=True, output_loading_info=True)
@@ -289,20 +237,6 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
             load_adapters(model, run_dir / run["files"]["adapters"])
         if "task_adapters" in run["files"]:
             load_task_adapters(model, run_dir / run["files"]["task_adapters"])
-        _load_named(model, run_dir / run["files"]["head"], HEAD)
+        load_head(model, run_dir / run["files"]["head"], HEAD)
     model.eval()
     return model, tokenizer, run
-
-
-def _load_named(model: nn.Module, path: Path, fmt: str) -> None:
-    """Load a head file (stage 1's ``lm_head``, stage 2's ``head``) into ``model``. It must hold
-    the head's parameters and may hold those the checkpoint lacked at load (:func:`_head_named`),
-    nothing else (never, e.g., the word embeddings); all is checked before anything is copied."""
-    _, tensors = read_safetensors(path, fmt, "load_run")
-    expected = _head_named(model)
-    head = {id(p) for p in _head_parameters(model)}
-    check_tensors(expected, tensors, f"load_run: {str(path)!r}",
-                  optional=frozenset(n for n, p in expected.items() if id(p) not in head))
-    with torch.no_grad():
-        for k, t in tensors.items():
-            expected[k].copy_(t)

@@ -37,13 +37,13 @@ from ..core.families import family_of
 from ..mode.config import MoDEConfig
 from ..mode.patching import is_mode_patched, mode_state
 from ..mode.saving import compose_experts, load_experts, save_experts
-from ..mixda.patching import is_patched, patch_model
-from ..mixda.trainable import count_parameters, mark_trainable
+from ..core.model import count_parameters
+from ..core.patch import is_patched, mark_trainable, patch_model
 from .data import KnowledgeCollator, encode_knowledge, load_knowledge
-from .evaluate import _batches, _predicted_logits
+from .evaluate import batches, predicted_logits
 from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
-from .mixda_stage1 import RUN_FILE, RUN_FORMAT, load_lm
-from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments, write_json_atomic
+from .runs import RUN_FILE, load_lm, read_run, write_run
+from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments
 
 __all__ = ["run_mode_stage1", "run_mode_stage2", "ModeResult", "LMObjective", "lm_metrics", "load_mode_run",
            "resolve_expert_file", "EXPERTS_FILE", "METHOD"]
@@ -123,8 +123,8 @@ def lm_metrics(model: nn.Module, tokenizer, data: PathOrData, *, causal: Optiona
     total, hits, n = 0.0, 0, 0
     try:
         with _cache_off(model):
-            for batch in _batches(ds, collator, batch_size):
-                logits, labels, sel = _predicted_logits(model, head, batch, causal)
+            for batch in batches(ds, collator, batch_size):
+                logits, labels, sel = predicted_logits(model, head, batch, causal)
                 logits = logits.float()                                                  # (N, V)
                 total += float(F.cross_entropy(logits, labels[sel], reduction="sum"))
                 hits += int((logits.argmax(-1) == labels[sel]).sum())
@@ -156,8 +156,6 @@ def _cache_off(model: nn.Module) -> Iterator[None]:
 
 def resolve_expert_file(path: Union[str, os.PathLike]) -> Path:
     """The one-expert file of a MoDE stage-1 output folder (or ``path`` itself when it is a file)."""
-    from .mixda_stage2 import read_run
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"MoDE expert {str(p)!r} does not exist; expected a `mixda-fast stage1 --method mode` "
@@ -218,7 +216,7 @@ def _train(model: nn.Module, tokenizer, data, output_dir: Path, *, fn: str, max_
 
 def _manifest(model, trainer, stage: int, files: dict, causal: bool, sources, counts, metrics, max_length,
               base_model_path, extra: dict) -> dict:
-    return {"format": RUN_FORMAT, "method": METHOD, "stage": stage, "base_model": base_model_path,
+    return {"method": METHOD, "stage": stage, "base_model": base_model_path,
             "model_type": family_of(model)[0], "config": mode_state(model).config.to_dict(), "files": files,
             "causal": causal, "train": sources, "max_length": max_length, "trainable_parameters": counts[0],
             "total_parameters": counts[1], "metrics": metrics, **extra, "log_history": trainer.state.log_history}
@@ -262,7 +260,7 @@ def run_mode_stage1(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     if save and trainer.args.should_save:
         files["expert"] = save_experts(model, output_dir, domain=domain).name
         files["experts"] = save_experts(model, output_dir / EXPERTS_FILE).name
-        write_json_atomic(str(output_dir / RUN_FILE), _manifest(
+        write_run(output_dir, _manifest(
             model, trainer, 1, files, causal, list(data_sources or sources), counts, metrics, max_length,
             base_model_path, {"domain": domain}))
     return ModeResult(model=model, trainer=trainer, timer=timer, output_dir=output_dir, files=files, metrics=metrics)
@@ -304,7 +302,7 @@ def run_mode_stage2(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     files = {}
     if save and trainer.args.should_save:
         files["experts"] = save_experts(model, output_dir / EXPERTS_FILE).name
-        write_json_atomic(str(output_dir / RUN_FILE), _manifest(
+        write_run(output_dir, _manifest(
             model, trainer, 2, files, causal, list(data_sources or sources), counts, metrics, max_length,
             base_model_path, {"experts": [str(e) for e in experts], "expert_files": [str(f) for f in expert_files],
                               "freeze_experts": mode_state(model).config.freeze_experts, "gate_init": gate_init}))
@@ -314,8 +312,6 @@ def run_mode_stage2(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
 def load_mode_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None):
     """(model, tokenizer, manifest) rebuilt from a MoDE stage-1 or stage-2 output folder;
     ``base_model`` overrides the checkpoint folder recorded in the manifest."""
-    from .mixda_stage2 import read_run
-
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if run.get("method", "mixda") != METHOD:

@@ -30,7 +30,8 @@ import transformers
 
 from .losses import Stage1Model
 from ..core.validate import check_float
-from ..core.io import TRAINABLE, check_tensors, read_safetensors, save_safetensors, write_atomic
+from ..core.model import gate_parameters
+from ..core.io import TRAINABLE, load_into, read_safetensors, save_tensors
 
 __all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
            "training_arguments", "TRAINABLE_FILE"]
@@ -179,11 +180,7 @@ class MixDATrainer(transformers.Trainer):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        from ..mixda.layer import MixDAGate
-        from ..mode.block import MoDEBlock
-
-        gate = {id(p) for m in opt_model.modules() if isinstance(m, MixDAGate) for p in m.parameters()}
-        gate |= {id(p) for m in opt_model.modules() if isinstance(m, MoDEBlock) for p in m.gate.parameters()}
+        gate = {id(p) for p in gate_parameters(opt_model)}
         groups: dict = {}
         for n, p in opt_model.named_parameters():
             if p.requires_grad:
@@ -201,10 +198,8 @@ class MixDATrainer(transformers.Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        params = _trainable(_unwrap(self.model))
-        tensors = {n: p.detach().contiguous().cpu() for n, p in params.items()}
         path = os.path.join(output_dir, TRAINABLE_FILE)
-        save_safetensors(tensors, path, {"format": TRAINABLE}, "MixDATrainer._save")
+        save_tensors(_trainable(_unwrap(self.model)), path, {"format": TRAINABLE}, "MixDATrainer._save")
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -213,11 +208,7 @@ class MixDATrainer(transformers.Trainer):
         if not os.path.isfile(path):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         _, tensors = read_safetensors(Path(path), TRAINABLE, "MixDATrainer._load_from_checkpoint")
-        params = _trainable(model)
-        check_tensors(params, tensors, f"resume_from_checkpoint={resume_from_checkpoint!r}: {path!r}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
+        load_into(_trainable(model), tensors, f"resume_from_checkpoint={resume_from_checkpoint!r}: {path!r}")
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -225,9 +216,3 @@ class MixDATrainer(transformers.Trainer):
             self._load_from_checkpoint(best)
         else:
             super()._load_best_model()
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """``data`` as indented JSON to ``path`` through :func:`mixda_fast.core.io.write_atomic`."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -290,7 +290,7 @@ def test_trainable_parameters_per_stage():
     mf.mark_trainable(model, "compose")
     assert names() == expert_names | gate_names
     mf.mode_blocks(model)   # freeze_experts lives in the config the model was patched with
-    model._mixda_fast_mode_state.config.freeze_experts = True
+    mf.mode.patching.mode_state(model).config.freeze_experts = True
     mf.mark_trainable(model, "compose")
     assert names() == gate_names
     mf.mark_trainable(model, "none")
@@ -338,7 +338,7 @@ def test_second_patch_of_either_kind_is_refused():
     mf.patch_model(model, mf.MixDAConfig(num_domains=1))
     with pytest.raises(ValueError, match="already patched"):
         mf.patch_model(model, mf.MoDEConfig(num_blocks=1))
-    with pytest.raises(ValueError, match="not patched with MoDE"):
+    with pytest.raises(ValueError, match="patched with MixDA, not MoDE"):
         mf.mode_blocks(model)
     with pytest.raises(TypeError, match="MixDAConfig or a mixda_fast.MoDEConfig"):
         mf.patch_model(tiny_model("bert"), {"num_blocks": 3})

@@ -78,7 +78,7 @@ def test_compose_n_experts(tmp_path, family, freeze):
     sources = {d: _stage1(family, d, seed=i) for i, d in enumerate(["bio", "law", "code"])}
     paths = [mf.save_experts(m, tmp_path, domain=d) for d, m in sources.items()]
     model = mf.compose_experts(tiny_model(family, head="lm"), paths, freeze_experts=freeze)
-    cfg = model._mixda_fast_mode_state.config
+    cfg = mf.mode.patching.mode_state(model).config
     assert cfg.domains == ["bio", "law", "code"] and cfg.freeze_experts is freeze
     assert cfg.num_blocks == 3 and cfg.expert_layers == 1
     inputs = batch(family)

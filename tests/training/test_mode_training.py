@@ -141,7 +141,7 @@ def test_stage2_composes_two_stage1_outputs(tmp_path, capsys):
     colors, code = write_domains(tmp_path)
     ckpt = save_checkpoint(tmp_path / "ckpt", "gpt2")
     s1 = _two_experts(tmp_path, ckpt, colors, code)
-    from mixda_fast.training.mixda_stage1 import load_lm
+    from mixda_fast.training.runs import load_lm
 
     model, tok, _ = load_lm(ckpt)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

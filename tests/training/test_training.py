@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mixda_fast as mf
-from mixda_fast.mixda.patching import patch_state
+from mixda_fast.mixda.patching import mixda_state as patch_state
 from mixda_fast.training import losses
 from mixda_fast.training.data import KnowledgeCollator, encode_knowledge, load_knowledge
 from mixda_fast.training.evaluate import evaluate_task, fact_exact_match
@@ -152,7 +152,7 @@ def test_stage2_end_to_end_and_rebuilt_from_its_folder(tmp_path, family):
     tiny(family, "lm").save_pretrained(base)
     word_tokenizer().save_pretrained(base)
     tok = word_tokenizer()
-    from mixda_fast.training.mixda_stage1 import load_lm
+    from mixda_fast.training.runs import load_lm
 
     lm, _, _ = load_lm(base)
     config = mf.MixDAConfig(domains=["colors"], layers=[1], gate_hidden=16)
@@ -186,7 +186,7 @@ def test_stage1_run_rebuilt_and_fact_exact_match(tmp_path):
     base = tmp_path / "base"
     tiny("gpt2", "lm").save_pretrained(base)
     word_tokenizer().save_pretrained(base)
-    from mixda_fast.training.mixda_stage1 import load_lm
+    from mixda_fast.training.runs import load_lm
 
     lm, tok, _ = load_lm(base)
     run_stage1(lm, tok, knowledge, tmp_path / "s1", general=general, domain="d",
@@ -229,9 +229,9 @@ def test_stage2_multiple_choice_head(tmp_path):
     tok = word_tokenizer()
     model = build_stage2_model(str(base), task="multiple_choice", num_labels=3, task_adapter="pfeiffer")
     mf.patch_model(model, mf.MixDAConfig(domains=["d"], layers=[1], gate_hidden=16, mixing="paper"))
-    from mixda_fast.training.mixda_stage2 import _freeze_for_task
+    from mixda_fast.training.mixda_stage2 import freeze_for_task
 
-    _freeze_for_task(model)
+    freeze_for_task(model)
     res = run_stage2(model, tok, data, tmp_path / "s2", task="multiple_choice", eval_data=data,
                      training_args=dict(max_steps=3, learning_rate=1e-3, **QUIET), base_model_path=str(base))
     assert res.labels == ["0", "1", "2"] and set(res.metrics) >= {"accuracy", "macro_f1"}

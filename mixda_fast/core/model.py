@@ -1,0 +1,48 @@
+"""What the core knows of a HuggingFace model: the transformer under the head, its layer list,
+the head's parameters, parameter counts. No method is named here."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .families import FamilySpec
+
+__all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters"]
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformer under any task head (``model.base_model`` for HF models)."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def layer_list(model: nn.Module, model_type: str, spec: FamilySpec, fn: str) -> nn.ModuleList:
+    """The transformer layers at ``base_model.<spec.layers>``; ``fn`` starts the error."""
+    try:
+        return base_model_of(model).get_submodule(spec.layers)
+    except AttributeError as e:
+        raise ValueError(f"{fn}: family {model_type!r} expects the layers at base_model.{spec.layers}, "
+                         f"which this model does not have ({e})") from None
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the task head: outside the base transformer and not tied to it (an LM head
+    tied to the word embeddings is not a head to train)."""
+    base = base_model_of(model)
+    if base is model:
+        return []
+    in_base = {id(p) for p in base.parameters()}
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    return [p for p in model.parameters() if id(p) not in in_base and p.data_ptr() not in base_ptrs]
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the modules a method marks as gates (class or instance attribute
+    ``is_gate = True``: MixDA's gate MLPs, MoDE's block gates)."""
+    return [p for m in model.modules() if getattr(m, "is_gate", False) for p in m.parameters()]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,244 @@
+"""Patching a model with a method and taking it out again: the method registry and the journal.
+
+The core knows no method (the shape of PEFT's ``tuners`` registry). A method package
+(:mod:`mixda_fast.mixda`, :mod:`mixda_fast.mode`) calls :func:`register_method` with its config
+class; :func:`patch_model`, :func:`unpatch_model` and :func:`mark_trainable` look the method up
+by the config's type (or by the state a patch left on the model) and never name one.
+
+A method's ``patch`` builds every new module first and then changes the model only through a
+:class:`Journal` (module swaps, added modules, hooks, clean-up callbacks). If anything fails, the
+journal is undone in reverse and the model is exactly as it was; :func:`unpatch_model` undoes the
+same journal. ``model.config.mixda_fast`` records the method and its config for
+``save_pretrained`` (:func:`mixda_fast.load_patched`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch.nn as nn
+
+from .families import FamilySpec
+
+__all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
+           "unpatch_model", "mark_trainable", "is_patched", "patch_state", "CONFIG_KEY", "STATE_ATTR"]
+
+STATE_ATTR = "_mixda_fast_state"
+"""Attribute of a patched model that holds its :class:`PatchState`."""
+CONFIG_KEY = "mixda_fast"
+"""Attribute of ``model.config`` (a key of ``config.json``): {"method": name, "config": {...}}."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the core needs to know of a method."""
+
+    name: str
+    """Recorded in ``config.json`` ("mixda", "mode")."""
+    title: str
+    """For messages ("MixDA", "MoDE")."""
+    config_class: type
+    patch: Callable[[nn.Module, Any, "Journal"], "PatchState"]
+    """Builds the patch and applies it through the journal; returns the state (config resolved)."""
+    stages: tuple[str, ...]
+    """The stages :func:`mark_trainable` accepts for a model patched with this method."""
+    unfreeze: Callable[[nn.Module, "PatchState", str, Optional[str]], None]
+    """Turns ``requires_grad`` on for what a stage trains (everything else is already frozen)."""
+    functions: str = ""
+    """The method's own functions, named when a call meant for another method gets this one."""
+    stage_note: str = ""
+    """Added to the bad-stage message (e.g. " for a MoDE-patched model")."""
+    members: str = "domains"
+    """What ``config.domains`` names, for messages ("domains", "experts")."""
+
+    def __deepcopy__(self, memo) -> "Method":
+        return self                     # one per method: a copied model's state keeps it
+
+
+@dataclass
+class PatchState:
+    """What a patch left on the model; a method subclasses it with its own fields."""
+
+    config: Any
+    model_type: str
+    spec: FamilySpec
+    method: Optional[Method] = None          # set by patch_model
+    journal: Optional["Journal"] = None      # set by patch_model
+
+
+class _Swap:
+    def __init__(self, parent: nn.Module, name: str, original: nn.Module):
+        self.parent, self.name, self.original = parent, name, original
+
+    def remove(self) -> None:
+        setattr(self.parent, self.name, self.original)
+
+
+class _Added:
+    def __init__(self, parent: nn.Module, name: str):
+        self.parent, self.name = parent, name
+
+    def remove(self) -> None:
+        self.parent._modules.pop(self.name, None)
+
+
+class Journal:
+    """Every change a patch makes to a model, in order, each an object whose ``remove()`` undoes
+    it. Entries are data (modules, hook handles), not closures, so ``copy.deepcopy(model)`` gives
+    the copy a journal of its own modules."""
+
+    def __init__(self) -> None:
+        self.entries: list = []
+
+    def swap(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        """``parent.<name> = module``; undone by putting the original back."""
+        self.entries.append(_Swap(parent, name, getattr(parent, name)))
+        setattr(parent, name, module)
+
+    def add_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        """A new child ``parent.<name>``; undone by removing it."""
+        parent.add_module(name, module)
+        self.entries.append(_Added(parent, name))
+
+    def hook(self, *handles) -> None:
+        """Objects whose ``remove()`` undoes a change: hook handles, clean-up actions."""
+        self.entries.extend(handles)
+
+    def undo(self) -> None:
+        """Undo every change, the latest first."""
+        while self.entries:
+            self.entries.pop().remove()
+
+
+_METHODS: dict[type, Method] = {}
+
+
+def register_method(method: Method) -> None:
+    """Make ``patch_model(model, method.config_class(...))`` patch with ``method``."""
+    _METHODS[method.config_class] = method
+
+
+def methods() -> list[Method]:
+    return list(_METHODS.values())
+
+
+def method_named(name: str) -> Optional[Method]:
+    return next((m for m in _METHODS.values() if m.name == name), None)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model`` carries a patch of any method."""
+    return isinstance(getattr(model, STATE_ATTR, None), PatchState)
+
+
+def patch_state(model: nn.Module, fn: str, method: Optional[str] = None) -> PatchState:
+    """The model's patch state; ``method`` (a name) requires that method. ``fn`` starts errors."""
+    state = getattr(model, STATE_ATTR, None)
+    wanted = method_named(method) if method else None
+    if not isinstance(state, PatchState):
+        with_, how = (f" with {wanted.title}", f"mixda_fast.{wanted.config_class.__name__}(...)") if wanted else ("", "config")
+        raise ValueError(f"{fn}: model={type(model).__name__} is not patched{with_}: call "
+                         f"mixda_fast.patch_model(model, {how}) first")
+    if wanted is not None and state.method.name != wanted.name:
+        have = state.method
+        raise ValueError(f"{fn}: model={type(model).__name__} is patched with {have.title}, not {wanted.title}; "
+                         f"use the {have.title} functions ({have.functions})")
+    return state
+
+
+class _Record:
+    """``model.config.mixda_fast`` for the time a patch lives; ``remove()`` restores what was there."""
+
+    def __init__(self, config, value: dict):
+        self.config = config
+        self.previous = config.__dict__.get(CONFIG_KEY, self)
+        setattr(config, CONFIG_KEY, value)
+
+    def remove(self) -> None:
+        if self.previous is self:
+            self.config.__dict__.pop(CONFIG_KEY, None)
+        else:
+            setattr(self.config, CONFIG_KEY, self.previous)
+
+
+def _record_patch(model: nn.Module, journal: Journal, method: str, config: dict) -> None:
+    """Write the patch into ``model.config`` (when the model has a HF config) until undone."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_dict"):
+        journal.hook(_Record(hf_config, {"method": method, "config": config}))
+
+
+def _accepted_configs() -> str:
+    return " or ".join(f"a mixda_fast.{m.config_class.__name__}" for m in _METHODS.values())
+
+
+def patch_model(model: nn.Module, config) -> nn.Module:
+    """Patch ``model`` in place with the method of ``config`` (a :class:`~mixda_fast.MixDAConfig`:
+    domain adapters and gates on the FFNs; a :class:`~mixda_fast.MoDEConfig`: expert blocks).
+
+    Returns ``model``. The base weights keep their values (freeze them with
+    :func:`mark_trainable`). ``model.config.mixda_fast`` records the patch for
+    ``save_pretrained`` (:func:`mixda_fast.load_patched`). Raises TypeError/ValueError naming the
+    argument on bad input, and then the model is exactly as it was. See each method's ``patch``
+    (:func:`mixda_fast.mixda.patching.patch_mixda`, :func:`mixda_fast.mode.patching.patch_mode`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model: model={type(model).__name__} is not accepted: expected a torch.nn.Module "
+                        "(a HuggingFace PreTrainedModel)")
+    method = _METHODS.get(type(config))
+    if method is None:
+        raise TypeError(f"patch_model: config={config!r} is not accepted: expected {_accepted_configs()}")
+    if is_patched(model):
+        raise ValueError("patch_model: model is already patched; call mixda_fast.unpatch_model(model) "
+                         "before patching it again")
+    journal = Journal()
+    try:
+        state = method.patch(model, config, journal)
+        state.method, state.journal = method, journal
+        _record_patch(model, journal, method.name, state.config.to_dict())
+        setattr(model, STATE_ATTR, state)
+    except BaseException:
+        journal.undo()
+        raise
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo the patch: every original module is back and every hook removed, so the model
+    computes exactly what it computed before :func:`patch_model`. Returns ``model``."""
+    state = patch_state(model, "unpatch_model")
+    state.journal.undo()
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -> nn.Module:
+    """Set ``requires_grad`` for a training stage; everything else is frozen. Returns ``model``.
+
+    Every method has ``"none"`` (nothing trains) and ``"all"`` (everything: the full fine-tuning
+    baseline), which an unpatched model accepts too. MixDA adds ``"domain"`` (domain adapters and
+    gates; with ``domain``, only that domain's adapters and the gates) and ``"task"`` (gates, task
+    adapters and the task head); MoDE adds ``"domain"`` (experts and gates; with ``domain`` only
+    that expert) and ``"compose"`` (gates, and the experts unless ``MoDEConfig.freeze_experts``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mark_trainable: model={type(model).__name__} is not accepted: expected a torch.nn.Module")
+    state = getattr(model, STATE_ATTR, None)
+    method = state.method if isinstance(state, PatchState) else None
+    stages = method.stages if method else tuple(dict.fromkeys(s for m in _METHODS.values() for s in m.stages))
+    if stage not in stages:
+        raise ValueError(f"mark_trainable: stage={stage!r} is not accepted{method.stage_note if method else ''}: "
+                         f"expected one of {' | '.join(repr(s) for s in stages)}")
+    if domain is not None and stage != "domain":
+        raise ValueError(f"mark_trainable: domain={domain!r} is only accepted with stage='domain', got stage={stage!r}")
+    if stage not in ("none", "all"):
+        state = patch_state(model, "mark_trainable")
+        if domain is not None and domain not in state.config.domains:
+            raise ValueError(f"mark_trainable: domain={domain!r} is not accepted: the model's "
+                             f"{method.members} are {list(state.config.domains)}")
+    for p in model.parameters():
+        p.requires_grad_(stage == "all")
+    if method is not None and stage not in ("none", "all"):
+        method.unfreeze(model, state, stage, domain)
+    return model
