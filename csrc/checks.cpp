@@ -4,6 +4,8 @@
 
 #include "checks.h"
 
+#include "activations.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -130,7 +132,7 @@ void check_ffn_in_args(const at::Tensor& x, const at::Tensor& w1, const std::opt
                   "), got ", b3->scalar_type(), ", ", b3->device());
     }
   }
-  TORCH_CHECK(act >= 0 && act <= 5, op, ": act must be an activation code 0..5 (0 identity, 1 gelu, ",
+  TORCH_CHECK(is_act_code(act), op, ": act must be an activation code 0..5 (0 identity, 1 gelu, ",
               "2 gelu tanh, 3 gelu_new, 4 silu, 5 relu), got ", act);
 }
 
@@ -146,7 +148,7 @@ void check_ffn_in_backward_args(const at::Tensor& grad_h, const at::Tensor& pre,
   TORCH_CHECK(grad_h.scalar_type() == pre.scalar_type() && grad_h.device() == pre.device(), op,
               ": grad_h must have the dtype and device of pre (", pre.scalar_type(), ", ", pre.device(),
               "), got ", grad_h.scalar_type(), ", ", grad_h.device());
-  TORCH_CHECK(act >= 0 && act <= 5, op, ": act must be an activation code 0..5, got ", act);
+  TORCH_CHECK(is_act_code(act), op, ": act must be an activation code 0..5, got ", act);
 }
 
 // mixda_out(h (N, F), z (N, Din), w2 (D, F), b2 (D)?, wdown K x (r, Din), bdown K x (r),

@@ -44,12 +44,12 @@ void check_softmax_combine_args(const char* op, const at::Tensor& logits,
 void check_softmax_combine_backward_args(const at::Tensor& grad_out, const at::Tensor& logits,
                                          const at::Tensor& experts);
 
-// ffn_in(x (N, d), w1 (F, d), b1 (F)?, w3 (F, d)?, b3 (F)?, act).
+// ffn_in(x (N, d), w1 (F, d), b1 (F)?, w3 (F, d)?, b3 (F)?, act); act: csrc/activations.h.
 void check_ffn_in_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                        const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3,
                        int64_t act);
 
-// ffn_in_backward(grad_h (N, F), pre (N, F) or (N, 2F) gated, act).
+// ffn_in_backward(grad_h (N, F), pre (N, F) or (N, 2F) gated, act); act as for ffn_in.
 void check_ffn_in_backward_args(const at::Tensor& grad_h, const at::Tensor& pre, int64_t act);
 
 // mixda_out(h (N, F), z (N, Din), w2 (D, F), b2 (D)?, wdown K x (r, Din), bdown K x (r),

@@ -48,9 +48,10 @@ TORCH_LIBRARY(mixda_fast, m) {
       {at::Tag::pt2_compliant_tag});
   // Step 0: the host FFN's first GEMM with its activation as the epilogue.
   // pre = x @ w1^T + b1 (N, F) -> h = act(pre); gated (w3 given): pre = [x w1^T + b1 | x w3^T + b3]
-  // (N, 2F) and h = act(pre[:, :F]) * pre[:, F:]. act: 0 identity, 1 gelu (erf), 2 gelu (tanh),
-  // 3 gelu_new (transformers' NewGELUActivation formula), 4 silu, 5 relu. Weights in x's dtype,
-  // or float32 for a 16-bit x (float32 compute). pre is returned for the backward.
+  // (N, 2F) and h = act(pre[:, :F]) * pre[:, F:]. act (csrc/activations.h): 0 identity, 1 gelu
+  // (erf), 2 gelu (tanh), 3 gelu_new (transformers' NewGELUActivation formula), 4 silu, 5 relu.
+  // Weights in x's dtype, or float32 for a 16-bit x (float32 compute). pre is returned for the
+  // backward.
   m.def(
       "ffn_in(Tensor x, Tensor w1, Tensor? b1, Tensor? w3, Tensor? b3, int act) -> "
       "(Tensor h, Tensor pre)",
