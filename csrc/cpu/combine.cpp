@@ -33,6 +33,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -46,12 +48,6 @@ extern "C" __attribute__((used)) const char mixda_fast_cpu_isa_marker[] =
     "mixda_fast_cpu_isa=" MIXDA_FAST_CPU_ISA;
 
 namespace mixda_fast {
-
-// Defined in csrc/mixda.cpp (shared by every backend).
-void check_softmax_combine_args(const char* op, const at::Tensor& logits,
-                                const at::Tensor& experts);
-void check_softmax_combine_backward_args(const at::Tensor& grad_out, const at::Tensor& logits,
-                                         const at::Tensor& experts);
 
 namespace {
 

@@ -14,6 +14,7 @@
 // build registers these same functions for the CUDA key with the CUDA dropout kernel (GEMMs
 // through cuBLAS, no float32 detour there).
 
+#include "../checks.h"
 #include "../gate_mlp.h"
 
 #include <ATen/ATen.h>
@@ -26,12 +27,7 @@
 
 namespace mixda_fast {
 
-// Defined in csrc/mixda.cpp and csrc/cpu/mixda_ffn.cpp.
-void check_gate_mlp_args(const char* op, const at::Tensor& z, at::TensorList weights,
-                         at::TensorList biases, double p, const std::optional<at::Tensor>& seed);
-void check_gate_mlp_backward_args(const at::Tensor& grad_logits, const at::Tensor& z,
-                                  at::TensorList weights, at::TensorList hidden, double p,
-                                  const std::optional<at::Tensor>& seed);
+// Defined in csrc/cpu/mixda_ffn.cpp.
 bool native_16bit_gemm();
 
 namespace {

@@ -30,6 +30,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "../activations.h"
+#include "../checks.h"
 #include "../packed_rows.h"
 
 #include <algorithm>
@@ -39,19 +41,6 @@
 #include <vector>
 
 namespace mixda_fast {
-
-// Defined in csrc/mixda.cpp (shared by every backend).
-void check_ffn_in_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                       const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3,
-                       int64_t act);
-void check_ffn_in_backward_args(const at::Tensor& grad_h, const at::Tensor& pre, int64_t act);
-void check_mixda_out_args(const char* op, const at::Tensor& h, const at::Tensor& z,
-                          const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                          at::TensorList wdown, at::TensorList bdown, at::TensorList wup,
-                          at::TensorList bup, const at::Tensor& logits);
-void check_mixda_out_backward_args(const at::Tensor& grad_y, const at::Tensor& p,
-                                   const at::Tensor& logits, at::TensorList wup,
-                                   at::TensorList bup);
 
 namespace {
 
@@ -131,11 +120,11 @@ void gemm_bias_out(at::Tensor out, const at::Tensor& a, const at::Tensor& w,
 
 // out = act(pre), with ATen's own kernels (bit-identical to the host's activation module).
 void act_forward_out(int64_t act, const at::Tensor& pre, at::Tensor out) {
-  switch (act) {
-    case 0: out.copy_(pre); break;
-    case 1: at::gelu_out(out, pre); break;
-    case 2: at::gelu_out(out, pre, "tanh"); break;
-    case 3: {  // transformers' NewGELUActivation, op by op:
+  switch (static_cast<Act>(act)) {
+    case Act::Identity: out.copy_(pre); break;
+    case Act::Gelu: at::gelu_out(out, pre); break;
+    case Act::GeluTanh: at::gelu_out(out, pre, "tanh"); break;
+    case Act::GeluNew: {  // transformers' NewGELUActivation, op by op:
       // 0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3.0))))
       at::Tensor t = at::pow(pre, 3.0);
       t.mul_(0.044715);
@@ -148,20 +137,20 @@ void act_forward_out(int64_t act, const at::Tensor& pre, at::Tensor out) {
       out.mul_(t);
       break;
     }
-    case 4: at::silu_out(out, pre); break;
-    case 5: at::relu_out(out, pre); break;
+    case Act::Silu: at::silu_out(out, pre); break;
+    case Act::Relu: at::relu_out(out, pre); break;
     default: TORCH_CHECK(false, "ffn_in: unknown activation code ", act);
   }
 }
 
 at::Tensor act_backward(int64_t act, const at::Tensor& grad, const at::Tensor& pre) {
-  switch (act) {
-    case 0: return grad;
-    case 1: return at::gelu_backward(grad, pre);
-    case 2:
-    case 3: return at::gelu_backward(grad, pre, "tanh");
-    case 4: return at::silu_backward(grad, pre);
-    case 5: return at::threshold_backward(grad, pre, 0);
+  switch (static_cast<Act>(act)) {
+    case Act::Identity: return grad;
+    case Act::Gelu: return at::gelu_backward(grad, pre);
+    case Act::GeluTanh:
+    case Act::GeluNew: return at::gelu_backward(grad, pre, "tanh");
+    case Act::Silu: return at::silu_backward(grad, pre);
+    case Act::Relu: return at::threshold_backward(grad, pre, 0);
     default: TORCH_CHECK(false, "ffn_in_backward: unknown activation code ", act);
   }
 }

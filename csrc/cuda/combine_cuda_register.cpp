@@ -7,17 +7,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <cuda_runtime_api.h>
 
 #include <tuple>
 
 namespace mixda_fast {
-
-// Defined in csrc/mixda.cpp (shared by every backend).
-void check_softmax_combine_args(const char* op, const at::Tensor& logits,
-                                const at::Tensor& experts);
-void check_softmax_combine_backward_args(const at::Tensor& grad_out, const at::Tensor& logits,
-                                         const at::Tensor& experts);
 
 // Defined in csrc/cuda/combine.cu.
 at::Tensor softmax_combine_cuda_launch(const at::Tensor& logits, const at::Tensor& experts,

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../activations.h"
 #include "../packed_rows.h"
 
 namespace mixda_fast {
@@ -40,38 +41,40 @@ void check_launch(const char* op) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t act_fwd(int act, acc_t x) {
+__device__ __forceinline__ acc_t act_fwd(Act act, acc_t x) {
   const acc_t kSqrt1_2 = acc_t(0.70710678118654752440);
   const acc_t kBeta = acc_t(0.7978845608028654);  // sqrt(2 / pi)
   switch (act) {
-    case 1: return acc_t(0.5) * x * (acc_t(1) + erf(x * kSqrt1_2));
-    case 2:
-    case 3: return acc_t(0.5) * x * (acc_t(1) + tanh(kBeta * (x + acc_t(0.044715) * x * x * x)));
-    case 4: return x / (acc_t(1) + exp(-x));
-    case 5: return x > acc_t(0) ? x : acc_t(0);
+    case Act::Gelu: return acc_t(0.5) * x * (acc_t(1) + erf(x * kSqrt1_2));
+    case Act::GeluTanh:
+    case Act::GeluNew: return acc_t(0.5) * x * (acc_t(1) + tanh(kBeta * (x + acc_t(0.044715) * x * x * x)));
+    case Act::Silu: return x / (acc_t(1) + exp(-x));
+    case Act::Relu: return x > acc_t(0) ? x : acc_t(0);
+    case Act::Identity:
     default: return x;
   }
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t act_grad(int act, acc_t x) {  // d act / dx
+__device__ __forceinline__ acc_t act_grad(Act act, acc_t x) {  // d act / dx
   const acc_t kSqrt1_2 = acc_t(0.70710678118654752440);
   const acc_t kInvSqrt2Pi = acc_t(0.3989422804014327);
   const acc_t kBeta = acc_t(0.7978845608028654);
   switch (act) {
-    case 1: return acc_t(0.5) * (acc_t(1) + erf(x * kSqrt1_2)) + x * kInvSqrt2Pi * exp(acc_t(-0.5) * x * x);
-    case 2:
-    case 3: {
+    case Act::Gelu: return acc_t(0.5) * (acc_t(1) + erf(x * kSqrt1_2)) + x * kInvSqrt2Pi * exp(acc_t(-0.5) * x * x);
+    case Act::GeluTanh:
+    case Act::GeluNew: {
       const acc_t inner = kBeta * (x + acc_t(0.044715) * x * x * x);
       const acc_t t = tanh(inner);
       const acc_t dinner = kBeta * (acc_t(1) + acc_t(3 * 0.044715) * x * x);
       return acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * (acc_t(1) - t * t) * dinner;
     }
-    case 4: {
+    case Act::Silu: {
       const acc_t s = acc_t(1) / (acc_t(1) + exp(-x));
       return s * (acc_t(1) + x * (acc_t(1) - s));
     }
-    case 5: return x > acc_t(0) ? acc_t(1) : acc_t(0);
+    case Act::Relu: return x > acc_t(0) ? acc_t(1) : acc_t(0);
+    case Act::Identity:
     default: return acc_t(1);
   }
 }
@@ -79,7 +82,7 @@ __device__ __forceinline__ acc_t act_grad(int act, acc_t x) {  // d act / dx
 // h[n, j] = act(pre[n, j]) (* pre[n, F + j] when gated); pre (N, W) contiguous, W = F or 2F.
 template <typename scalar_t, typename acc_t>
 __global__ void ffn_act_kernel(const scalar_t* __restrict__ pre, scalar_t* __restrict__ h,
-                               int64_t N, int64_t F, int64_t W, int act, bool gated) {
+                               int64_t N, int64_t F, int64_t W, Act act, bool gated) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N * F;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / F, j = i % F;
@@ -94,7 +97,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void ffn_act_backward_kernel(const scalar_t* __restrict__ grad_h,
                                         const scalar_t* __restrict__ pre,
                                         scalar_t* __restrict__ grad_pre, int64_t N, int64_t F,
-                                        int64_t W, int act, bool gated) {
+                                        int64_t W, Act act, bool gated) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N * F;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / F, j = i % F;
@@ -119,7 +122,7 @@ __global__ void adapter_scale_kernel(const scalar_t* __restrict__ p, const acc_t
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N * Kr;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / Kr, c = i % Kr;
-    s[i] = g[n * E + c / r] * act_fwd<acc_t>(1, static_cast<acc_t>(p[n * P + D + c]));
+    s[i] = g[n * E + c / r] * act_fwd<acc_t>(Act::Gelu, static_cast<acc_t>(p[n * P + D + c]));
   }
 }
 
@@ -137,8 +140,8 @@ __global__ void adapter_scale_backward_kernel(const acc_t* __restrict__ gs,
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / Kr, c = i % Kr;
     const acc_t x = static_cast<acc_t>(p[n * P + D + c]);
-    grad_p[n * P + D + c] = static_cast<scalar_t>(gs[i] * g[n * E + c / r] * act_grad<acc_t>(1, x));
-    gsa[i] = gs[i] * act_fwd<acc_t>(1, x);
+    grad_p[n * P + D + c] = static_cast<scalar_t>(gs[i] * g[n * E + c / r] * act_grad<acc_t>(Act::Gelu, x));
+    gsa[i] = gs[i] * act_fwd<acc_t>(Act::Gelu, x);
   }
 }
 
@@ -186,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_in_cuda_launch(const at::Tensor& x, const
     using acc_t = at::opmath_type<scalar_t>;
     ffn_act_kernel<scalar_t, acc_t><<<blocks_for(N * F), kThreads, 0, stream>>>(
         pre.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), N, F, W,
-        static_cast<int>(act), gated);
+        static_cast<Act>(act), gated);
     check_launch("ffn_in");
   });
   return {h, pre};
@@ -203,7 +206,7 @@ at::Tensor ffn_in_backward_cuda_launch(const at::Tensor& grad_h, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     ffn_act_backward_kernel<scalar_t, acc_t><<<blocks_for(N * F), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), pc.const_data_ptr<scalar_t>(),
-        grad_pre.mutable_data_ptr<scalar_t>(), N, F, W, static_cast<int>(act), W == 2 * F);
+        grad_pre.mutable_data_ptr<scalar_t>(), N, F, W, static_cast<Act>(act), W == 2 * F);
     check_launch("ffn_in_backward");
   });
   return grad_pre;

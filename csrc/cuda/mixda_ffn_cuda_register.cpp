@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../gate_mlp.h"
 
 #include <cuda_runtime_api.h>
@@ -18,19 +19,6 @@
 #include <vector>
 
 namespace mixda_fast {
-
-// Defined in csrc/mixda.cpp (shared by every backend).
-void check_ffn_in_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                       const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3,
-                       int64_t act);
-void check_ffn_in_backward_args(const at::Tensor& grad_h, const at::Tensor& pre, int64_t act);
-void check_mixda_out_args(const char* op, const at::Tensor& h, const at::Tensor& z,
-                          const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                          at::TensorList wdown, at::TensorList bdown, at::TensorList wup,
-                          at::TensorList bup, const at::Tensor& logits);
-void check_mixda_out_backward_args(const at::Tensor& grad_y, const at::Tensor& p,
-                                   const at::Tensor& logits, at::TensorList wup,
-                                   at::TensorList bup);
 
 // Defined in csrc/cuda/mixda_ffn.cu.
 std::tuple<at::Tensor, at::Tensor> ffn_in_cuda_launch(const at::Tensor& x, const at::Tensor& w1,
