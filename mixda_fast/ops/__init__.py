@@ -17,131 +17,22 @@ so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` accept the op
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _ext
+from .backend import (BACKEND_ENV, BACKENDS, autocast_inputs, autocast_off, check_devices, get_backend,
+                      kernels_available, runs_kernels_for, set_backend)
 from .reference import _check_softmax_combine_args, ffn_in_ref, gate_mlp_ref, mixda_out_ref, softmax_combine_ref
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "softmax_combine",
            "ffn_in", "mixda_out", "gate_mlp", "dropout_seed", "packed_rows",
            "runs_kernels_for"]
 
-BACKENDS = ("auto", "cpp", "torch")
-BACKEND_ENV = "MIXDA_FAST_BACKEND"
 
-# Device types with compiled kernels, fixed once the extension is loaded.
-_KERNEL_DEVICES = frozenset(_ext.built_devices())
-
-
-def _resolve(name: str, what: str) -> bool:
-    """Validate a backend name (``what`` names where it came from); True if it selects the kernels."""
-    if name not in BACKENDS:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
-    if name == "cpp" and not _ext.EXT_AVAILABLE:
-        raise RuntimeError(f"{what}={name!r} needs the compiled extension mixda_fast._C, "
-                           f"which is not available: {_ext.EXT_ERROR}")
-    return name != "torch" and _ext.EXT_AVAILABLE
-
-
-_backend: str = os.environ.get(BACKEND_ENV, "auto")                       # what was asked for
-_use_kernels: bool = _resolve(_backend, f"environment variable {BACKEND_ENV}")  # what the ops read
-
-
-def set_backend(name: str) -> None:
-    """Choose the implementation of every op: "auto", "cpp" (compiled kernels) or "torch" (reference)."""
-    global _backend, _use_kernels
-    _use_kernels = _resolve(name, "set_backend(name)")
-    _backend = name
-
-
-def get_backend() -> str:
-    """The backend name last set ("auto", "cpp" or "torch")."""
-    return _backend
-
-
-def kernels_available() -> bool:
-    """True when the compiled extension is loaded and has kernels for at least one device."""
-    return _ext.EXT_AVAILABLE and bool(_KERNEL_DEVICES)
-
-
-def _use_kernel_for(t: Tensor) -> bool:
-    return _use_kernels and t.device.type in _KERNEL_DEVICES
-
-
-def runs_kernels_for(t: Tensor) -> bool:
-    """True when the ops, called with tensors on ``t``'s device, run the compiled kernels (the
-    backend allows them and the extension has kernels for that device), not the references."""
-    return _use_kernel_for(t)
-
-
-def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype of ``t``'s device when autocast is on there, else None."""
-    dev = t.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
-
-
-def _cast(value, dtype: torch.dtype):
-    """Floating tensors other than float64 (in lists too) to ``dtype``: what autocast does to the
-    inputs of ``nn.Linear``."""
-    if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast(v, dtype) for v in value)
-    return value
-
-
-def _autocast(fn):
-    """Under autocast the ops compute in its dtype, as ``nn.Linear`` does: floating inputs are
-    cast to it and the op runs with autocast off (the kernels' own GEMMs must not be cast again)."""
-    @functools.wraps(fn)
-    def wrapper(first: Tensor, *args, **kwargs):
-        dtype = _autocast_dtype(first)
-        if dtype is None:
-            return fn(first, *args, **kwargs)
-        with torch.autocast(first.device.type, enabled=False):
-            return fn(*_cast((first, *args), dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
-    return wrapper
-
-
-def _autocast_off(backward):
-    """An autograd backward run with autocast off (a backward called inside an autocast region
-    would otherwise cast the kernels' GEMMs)."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        t = next((g for g in grads if isinstance(g, Tensor)), None)
-        if t is None or _autocast_dtype(t) is None:
-            return backward(ctx, *grads)
-        with torch.autocast(t.device.type, enabled=False):
-            return backward(ctx, *grads)
-    return wrapper
-
-
-def check_devices(op: str, **tensors) -> None:
-    """Raise one clear RuntimeError when the tensor arguments (tensors, lists of tensors or None)
-    are not all on one device, naming the first argument off the device of the others: a kernel
-    given a meta tensor beside real ones would otherwise run the op's fake (uninitialised memory).
-    All-meta inputs (``torch.compile`` tracing, a model on meta) pass."""
-    named = [(f"{k}[{i}]" if isinstance(v, (list, tuple)) else k, t)
-             for k, v in tensors.items() for i, t in enumerate(v if isinstance(v, (list, tuple)) else [v])
-             if isinstance(t, Tensor)]
-    devices = [t.device for _, t in named]
-    if len(set(devices)) <= 1:
-        return
-    real = [d for d in devices if d.type != "meta"] or devices
-    expected = max(set(real), key=real.count)
-    name, t = next((n, t) for n, t in named if t.device != expected)
-    raise RuntimeError(f"{op}: {name}.device={t.device} is not accepted: expected {expected}, the device of "
-                       "the other tensor arguments (meta only when every input is on meta)")
-
-
-@_autocast
+@autocast_inputs
 def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     """``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``.
 
@@ -150,12 +41,12 @@ def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
     """
     if not torch.compiler.is_compiling():
         check_devices("softmax_combine", logits=logits, experts=experts)
-    if _use_kernel_for(experts):
+    if runs_kernels_for(experts):
         return torch.ops.mixda_fast.softmax_combine.default(logits, experts)
     return softmax_combine_ref(logits, experts)
 
 
-@_autocast
+@autocast_inputs
 def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
            act: int) -> tuple[Tensor, Tensor]:
     """The host FFN's first GEMM with its activation as the epilogue: (h (N, F), pre).
@@ -166,12 +57,12 @@ def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3
     """
     if not torch.compiler.is_compiling():
         check_devices("ffn_in", x=x, w1=w1, b1=b1, w3=w3, b3=b3)
-    if _use_kernel_for(x):
+    if runs_kernels_for(x):
         return torch.ops.mixda_fast.ffn_in.default(x, w1, b1, w3, b3, act)
     return ffn_in_ref(x, w1, b1, w3, b3, act)
 
 
-@_autocast
+@autocast_inputs
 def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: list[Tensor], bdown: list[Tensor],
               wup: list[Tensor], bup: list[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
     """FFN output + K adapters + gate softmax and mix in one op: (y (N, D), p (N, D + K r)).
@@ -183,7 +74,7 @@ def mixda_out(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: lis
     """
     if not torch.compiler.is_compiling():
         check_devices("mixda_out", h=h, z=z, w2=w2, b2=b2, wdown=wdown, bdown=bdown, wup=wup, bup=bup, logits=logits)
-    if _use_kernel_for(h):
+    if runs_kernels_for(h):
         return torch.ops.mixda_fast.mixda_out.default(h, z, w2, b2, list(wdown), list(bdown), list(wup),
                                                       list(bup), logits)
     return mixda_out_ref(h, z, w2, b2, wdown, bdown, wup, bup, logits)
@@ -195,7 +86,7 @@ def dropout_seed() -> Tensor:
     return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64, device="cpu")
 
 
-@_autocast
+@autocast_inputs
 def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 0.0,
              seed: Optional[Tensor] = None) -> Tensor:
     """The gate MLP in one op: logits (N, E) of Linear layers with ReLU between them and, with
@@ -206,7 +97,7 @@ def gate_mlp(z: Tensor, weights: list[Tensor], biases: list[Tensor], p: float = 
         check_devices("gate_mlp", z=z, weights=weights, biases=biases)
     if p > 0 and seed is None:
         seed = dropout_seed()
-    if _use_kernel_for(z):
+    if runs_kernels_for(z):
         return torch.ops.mixda_fast.gate_mlp.default(z, list(weights), list(biases), p, seed)[0]
     return gate_mlp_ref(z, weights, biases, p, seed)[0]
 
@@ -299,7 +190,7 @@ if _ext.EXT_AVAILABLE:
         logits, experts = inputs
         ctx.save_for_backward(logits, experts)  # w is recomputed in backward: (R, E) is cheap
 
-    @_autocast_off
+    @autocast_off
     def _softmax_combine_backward(ctx, grad_out: Tensor):
         logits, experts = ctx.saved_tensors
         grad_logits, grad_experts = torch.ops.mixda_fast.softmax_combine_backward.default(
@@ -333,7 +224,7 @@ if _ext.EXT_AVAILABLE:
         ctx.save_for_backward(x, w1, w3, output[1])
         ctx.set_materialize_grads(False)    # pre is for the backward: no zero (N, F) gradient for it
 
-    @_autocast_off
+    @autocast_off
     def _ffn_in_backward(ctx, grad_h: Optional[Tensor], grad_pre: Optional[Tensor]):
         x, w1, w3, pre = ctx.saved_tensors
         if grad_h is None:
@@ -388,7 +279,7 @@ if _ext.EXT_AVAILABLE:
         ctx.save_for_backward(h, z, w2, logits, output[1], *wdown, *wup, *bup)
         ctx.set_materialize_grads(False)    # p is mostly for the backward: no zero gradient for it
 
-    @_autocast_off
+    @autocast_off
     def _mixda_out_backward(ctx, grad_y: Optional[Tensor], grad_p_out: Optional[Tensor]):
         K = ctx.K
         h, z, w2, logits, p, *rest = ctx.saved_tensors
@@ -466,7 +357,7 @@ if _ext.EXT_AVAILABLE:
         ctx.bias_dtypes = [b.dtype for b in biases]
         ctx.save_for_backward(z, seed, *weights, *output[1])
 
-    @_autocast_off
+    @autocast_off
     def _gate_mlp_backward(ctx, grad_logits: Tensor, grad_hidden):
         # hidden is returned for this backward only (ops.gate_mlp drops it): not differentiable
         z, seed, *rest = ctx.saved_tensors
