@@ -25,25 +25,12 @@ from torch import Tensor
 from . import _ext
 from .backend import (BACKEND_ENV, BACKENDS, autocast_inputs, autocast_off, check_devices, get_backend,
                       kernels_available, runs_kernels_for, set_backend)
-from .reference import _check_softmax_combine_args, ffn_in_ref, gate_mlp_ref, mixda_out_ref, softmax_combine_ref
+from .reference import ffn_in_ref, gate_mlp_ref, mixda_out_ref, softmax_combine_ref
+from .combine import softmax_combine
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "softmax_combine",
            "ffn_in", "mixda_out", "gate_mlp", "dropout_seed", "packed_rows",
            "runs_kernels_for"]
-
-
-@autocast_inputs
-def softmax_combine(logits: Tensor, experts: Tensor) -> Tensor:
-    """``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``.
-
-    logits (R, E), experts (E, R, S, D), same dtype -> (R, S, D) in that dtype; softmax and sums
-    in float32 for 16-bit dtypes. Differentiable in both inputs. See ``softmax_combine_ref``.
-    """
-    if not torch.compiler.is_compiling():
-        check_devices("softmax_combine", logits=logits, experts=experts)
-    if runs_kernels_for(experts):
-        return torch.ops.mixda_fast.softmax_combine.default(logits, experts)
-    return softmax_combine_ref(logits, experts)
 
 
 @autocast_inputs
@@ -166,41 +153,6 @@ def _needs(flag) -> bool:
 # ---- fake impls and autograd of the compiled ops (registered only when they exist) ----------
 
 if _ext.EXT_AVAILABLE:
-
-    @torch.library.register_fake("mixda_fast::softmax_combine")
-    def _softmax_combine_fake(logits: Tensor, experts: Tensor) -> Tensor:
-        check_devices("softmax_combine", logits=logits, experts=experts)
-        _check_softmax_combine_args(logits, experts)
-        _, R, S, D = experts.shape
-        return experts.new_empty((R, S, D))
-
-    @torch.library.register_fake("mixda_fast::softmax_combine_backward")
-    def _softmax_combine_backward_fake(grad_out: Tensor, logits: Tensor, experts: Tensor):
-        op = "softmax_combine_backward"
-        _check_softmax_combine_args(logits, experts, op)
-        if grad_out.shape != experts.shape[1:]:
-            raise RuntimeError(f"{op}: grad_out must have shape (R, S, D) = {list(experts.shape[1:])} "
-                               f"(experts.shape[1:]), got {list(grad_out.shape)}")
-        if grad_out.dtype != experts.dtype:
-            raise RuntimeError(f"{op}: grad_out must have the same dtype as experts ({experts.dtype}), "
-                               f"got {grad_out.dtype}")
-        return logits.new_empty(logits.shape), experts.new_empty(experts.shape)
-
-    def _softmax_combine_setup_context(ctx, inputs, output) -> None:
-        logits, experts = inputs
-        ctx.save_for_backward(logits, experts)  # w is recomputed in backward: (R, E) is cheap
-
-    @autocast_off
-    def _softmax_combine_backward(ctx, grad_out: Tensor):
-        logits, experts = ctx.saved_tensors
-        grad_logits, grad_experts = torch.ops.mixda_fast.softmax_combine_backward.default(
-            grad_out, logits, experts)
-        return (grad_logits if ctx.needs_input_grad[0] else None,
-                grad_experts if ctx.needs_input_grad[1] else None)
-
-    torch.library.register_autograd(
-        "mixda_fast::softmax_combine", _softmax_combine_backward,
-        setup_context=_softmax_combine_setup_context)
 
     # -- ffn_in ---------------------------------------------------------------------------------
 

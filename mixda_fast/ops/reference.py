@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .philox import dropout_keep
 
-__all__ = ["softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref", "ffn_in_backward_ref",
-           "mixda_out_ref", "mixda_out_backward_ref", "gate_mlp_ref"]
+__all__ = ["check_softmax_combine_args", "softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref",
+           "ffn_in_backward_ref", "mixda_out_ref", "mixda_out_backward_ref", "gate_mlp_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -28,10 +28,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_softmax_combine_args(logits: Tensor, experts: Tensor, op: str = "softmax_combine") -> None:
+def check_softmax_combine_args(logits: Tensor, experts: Tensor, op: str = "softmax_combine") -> None:
     """The checks of csrc/mixda.cpp, with the same messages and error type (RuntimeError, as
-    TORCH_CHECK raises); also used by the fake impls in ``mixda_fast.ops``. Plain ``if``s rather
-    than ``torch._check``, whose message closures torch.compile cannot trace."""
+    TORCH_CHECK raises); also used by the fake impls in ``mixda_fast.ops.combine``. Plain ``if``s
+    rather than ``torch._check``, whose message closures torch.compile cannot trace."""
     if logits.dim() != 2:
         raise RuntimeError(f"{op}: logits must have shape (R, E), got a {logits.dim()}-d tensor of shape "
                            f"{list(logits.shape)}")
@@ -66,7 +66,7 @@ def softmax_combine_ref(logits: Tensor, experts: Tensor) -> Tensor:
         ``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``, with softmax and
         accumulation in float32 for 16-bit dtypes (float64 for float64), rounded once at the end.
     """
-    _check_softmax_combine_args(logits, experts)
+    check_softmax_combine_args(logits, experts)
     acc = _acc_dtype(experts.dtype)
     w = torch.softmax(logits.to(acc), dim=-1)                   # (R, E)
     out = torch.einsum("re,ersd->rsd", w, experts.to(acc))      # (R, S, D)
