@@ -10,6 +10,8 @@ branching on which.
   ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` accept the ops. They are
   registered once, when this package is imported, and only when the extension is loaded.
 - ``packed``: ``packed_rows``, the mirror of csrc/packed_rows.h.
+- ``activations``: the activation codes of ``ffn_in`` (the table of csrc/activations.h), the
+  code of a host activation module (``activation_code``) and ``act_ref``.
 - ``reference``: the pure-torch ``*_ref`` of every op; ``philox``: its dropout masks;
   ``_ext``: the guarded load of the extension.
 """

@@ -57,7 +57,7 @@ def ffn_in(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3
     """The host FFN's first GEMM with its activation as the epilogue: (h (N, F), pre).
 
     x (N, d); w1, w3 (F, d) (w3: the up projection of a gated MLP, else None); biases (F,) or
-    None; act an activation code of ``reference.ACTIVATIONS``. See ``ffn_in_ref``.
+    None; act an activation code of ``activations.ACTIVATIONS``. See ``ffn_in_ref``.
     Differentiable in x and the weights.
     """
     if not torch.compiler.is_compiling():

@@ -8,13 +8,13 @@ and obviously correct; speed belongs to the kernels. New ops add their ``_ref`` 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import ACTIVATIONS, act_ref
 from .philox import dropout_keep
 
 __all__ = ["check_softmax_combine_args", "softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref",
@@ -75,28 +75,6 @@ def softmax_combine_ref(logits: Tensor, experts: Tensor) -> Tensor:
 
 # ---- fused MixDA FFN (DESIGN.md section 4, steps 0-4) ------------------------------------------
 
-ACTIVATIONS = {0: "identity", 1: "gelu", 2: "gelu_tanh", 3: "gelu_new", 4: "silu", 5: "relu"}
-"""Activation codes of ``ffn_in``: the host FFN activations the kernels implement."""
-
-
-def act_ref(act: int, x: Tensor) -> Tensor:
-    """The activation of code ``act``, computed as the host module computes it (so a patched FFN
-    matches the host bit for bit): code 3 is transformers' NewGELUActivation formula, op by op."""
-    if act == 0:
-        return x
-    if act == 1:
-        return F.gelu(x)
-    if act == 2:
-        return F.gelu(x, approximate="tanh")
-    if act == 3:
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-    if act == 4:
-        return F.silu(x)
-    if act == 5:
-        return F.relu(x)
-    raise RuntimeError(f"ffn_in: act must be an activation code 0..5 ({ACTIVATIONS}), got {act}")
-
-
 def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
                act: int) -> tuple[Tensor, Tensor]:
     """The host FFN's first projection and activation.
@@ -106,7 +84,7 @@ def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor]
         w1: (F, d) first projection (nn.Linear layout); b1: (F,) or None.
         w3: (F, d) or None: the up projection of a gated MLP (Llama: w1 = gate_proj, w3 = up_proj);
             b3: (F,) or None.
-        act: activation code (``ACTIVATIONS``).
+        act: activation code (``activations.ACTIVATIONS``).
         Weights may be float32 for a 16-bit ``x`` (they are cast to x's dtype here).
 
     Returns:
