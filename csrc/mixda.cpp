@@ -1,7 +1,7 @@
 // Every operator schema of the `mixda_fast` namespace, in one TORCH_LIBRARY block
 // (DESIGN.md section 4). Kernels live in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu and
 // register themselves with TORCH_LIBRARY_IMPL; fake (meta) impls and autograd formulas are
-// registered from Python in mixda_fast/ops/__init__.py.
+// registered from Python beside each op's wrapper, in mixda_fast/ops/{combine,ffn,gate}.py.
 //
 // The argument checks shared by every backend of an op also live here, next to the schema they
 // enforce, so the CPU and CUDA kernels reject bad input with the same words.
