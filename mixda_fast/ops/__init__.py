@@ -1,14 +1,14 @@
 """The MixDA ops: each runs the compiled kernel (``torch.ops.mixda_fast``, built into
-``mixda_fast._C``) or its pure-torch reference, and layer code calls them here without
-branching on which.
+``mixda_fast._C``) or its pure-torch reference. Layer code calls them through this package
+(``ops.gate_mlp(...)``, so a test can replace one here) and never branches on the backend.
 
 - ``backend``: the process-wide choice of kernels or references (``set_backend``, environment
   variable ``MIXDA_FAST_BACKEND``), autocast handling and ``check_devices``.
 - ``combine`` (``softmax_combine``), ``ffn`` (``ffn_in``, ``mixda_out``), ``gate`` (``gate_mlp``,
   ``dropout_seed``): one module per op family, each wrapper beside the fake (meta) impl and
   autograd formula of its compiled op (the pytorch/extension-cpp layout), so
-  ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` accept the ops. They are
-  registered once, when this package is imported, and only when the extension is loaded.
+  ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` accept the ops. Importing
+  this package registers them all, once, and only when the extension is loaded.
 - ``packed``: ``packed_rows``, the mirror of csrc/packed_rows.h.
 - ``activations``: the activation codes of ``ffn_in`` (the table of csrc/activations.h), the
   code of a host activation module (``activation_code``) and ``act_ref``.
