@@ -1,8 +1,9 @@
 // Every operator schema of the `mixda_fast` namespace, in one TORCH_LIBRARY block
-// (DESIGN.md section 4). Kernels live in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu and
+// (docs/design.md section 4). Kernels live in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu and
 // register themselves with TORCH_LIBRARY_IMPL; fake (meta) impls and autograd formulas are
-// registered from Python in mixda_fast/ops/__init__.py. The argument checks every backend of an
-// op runs first are declared in csrc/checks.h (defined in csrc/checks.cpp).
+// registered from Python beside each op's wrapper, in mixda_fast/ops/{combine,ffn,gate}.py. The
+// argument checks every backend of an op runs first are declared in csrc/checks.h (defined in
+// csrc/checks.cpp).
 //
 // Built two ways: as the Python module `mixda_fast._C` by setup.py (BuildExtension defines
 // TORCH_EXTENSION_NAME, and we add the tiny PyInit__C below so `import mixda_fast._C` loads the

@@ -8,17 +8,17 @@ and obviously correct; speed belongs to the kernels. New ops add their ``_ref`` 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import ACTIVATIONS, act_ref
 from .philox import dropout_keep
 
-__all__ = ["softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref", "ffn_in_backward_ref",
-           "mixda_out_ref", "mixda_out_backward_ref", "gate_mlp_ref"]
+__all__ = ["check_softmax_combine_args", "softmax_combine_ref", "ACTIVATIONS", "act_ref", "ffn_in_ref",
+           "ffn_in_backward_ref", "mixda_out_ref", "mixda_out_backward_ref", "gate_mlp_ref"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -28,10 +28,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_softmax_combine_args(logits: Tensor, experts: Tensor, op: str = "softmax_combine") -> None:
+def check_softmax_combine_args(logits: Tensor, experts: Tensor, op: str = "softmax_combine") -> None:
     """The checks of csrc/mixda.cpp, with the same messages and error type (RuntimeError, as
-    TORCH_CHECK raises); also used by the fake impls in ``mixda_fast.ops``. Plain ``if``s rather
-    than ``torch._check``, whose message closures torch.compile cannot trace."""
+    TORCH_CHECK raises); also used by the fake impls in ``mixda_fast.ops.combine``. Plain ``if``s
+    rather than ``torch._check``, whose message closures torch.compile cannot trace."""
     if logits.dim() != 2:
         raise RuntimeError(f"{op}: logits must have shape (R, E), got a {logits.dim()}-d tensor of shape "
                            f"{list(logits.shape)}")
@@ -66,7 +66,7 @@ def softmax_combine_ref(logits: Tensor, experts: Tensor) -> Tensor:
         ``out[r, s, :] = sum_e softmax(logits[r, :])[e] * experts[e, r, s, :]``, with softmax and
         accumulation in float32 for 16-bit dtypes (float64 for float64), rounded once at the end.
     """
-    _check_softmax_combine_args(logits, experts)
+    check_softmax_combine_args(logits, experts)
     acc = _acc_dtype(experts.dtype)
     w = torch.softmax(logits.to(acc), dim=-1)                   # (R, E)
     out = torch.einsum("re,ersd->rsd", w, experts.to(acc))      # (R, S, D)
@@ -74,28 +74,6 @@ def softmax_combine_ref(logits: Tensor, experts: Tensor) -> Tensor:
 
 
 # ---- fused MixDA FFN (DESIGN.md section 4, steps 0-4) ------------------------------------------
-
-ACTIVATIONS = {0: "identity", 1: "gelu", 2: "gelu_tanh", 3: "gelu_new", 4: "silu", 5: "relu"}
-"""Activation codes of ``ffn_in``: the host FFN activations the kernels implement."""
-
-
-def act_ref(act: int, x: Tensor) -> Tensor:
-    """The activation of code ``act``, computed as the host module computes it (so a patched FFN
-    matches the host bit for bit): code 3 is transformers' NewGELUActivation formula, op by op."""
-    if act == 0:
-        return x
-    if act == 1:
-        return F.gelu(x)
-    if act == 2:
-        return F.gelu(x, approximate="tanh")
-    if act == 3:
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-    if act == 4:
-        return F.silu(x)
-    if act == 5:
-        return F.relu(x)
-    raise RuntimeError(f"ffn_in: act must be an activation code 0..5 ({ACTIVATIONS}), got {act}")
-
 
 def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
                act: int) -> tuple[Tensor, Tensor]:
@@ -106,7 +84,7 @@ def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor]
         w1: (F, d) first projection (nn.Linear layout); b1: (F,) or None.
         w3: (F, d) or None: the up projection of a gated MLP (Llama: w1 = gate_proj, w3 = up_proj);
             b3: (F,) or None.
-        act: activation code (``ACTIVATIONS``).
+        act: activation code (``activations.ACTIVATIONS``).
         Weights may be float32 for a 16-bit ``x`` (they are cast to x's dtype here).
 
     Returns:
