@@ -1,4 +1,4 @@
-"""Configuration of a MixDA patch (Diao et al., ACL 2023, section 3; DESIGN.md section 1).
+"""Configuration of a MixDA patch (Diao et al., ACL 2023, section 3; docs/design.md section 1).
 
 A :class:`MixDAConfig` says which feed-forward networks get domain adapters, how wide the adapters
 are, what the gate reads and how its softmax weights mix the FFN with the adapters. It is validated
@@ -7,13 +7,12 @@ when it is built and saved as JSON next to the adapter weights it describes.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..core.validate import (MAX_LAYERS, check_choice, check_float, check_int, check_names, config_from_dict,
-    config_from_json, fail, is_int)
+from ..core.config import MethodConfig
+from ..core.validate import MAX_LAYERS, check_choice, check_float, check_int, is_int
 
 __all__ = ["MixDAConfig"]
 
@@ -23,12 +22,8 @@ _MIXINGS = ("paper", "residual")
 _INITS = ("zero_up", "normal")
 
 
-def _fail(name: str, value: Any, accepted: str, exc=ValueError):
-    fail(f"MixDAConfig.{name}", value, accepted, exc)
-
-
 @dataclass
-class MixDAConfig:
+class MixDAConfig(MethodConfig):
     """What to patch and how. Field defaults follow the paper's released code.
 
     Either ``num_domains`` (K) or ``domains`` (names, K = len) must be given; with only K the
@@ -78,29 +73,19 @@ class MixDAConfig:
             raise ValueError(
                 "MixDAConfig needs num_domains (an int >= 1) or domains (a list of names); got neither"
             )
-        if self.num_domains is not None:
-            check_int("MixDAConfig.num_domains", self.num_domains, 1, cap="MAX_DOMAINS")
-        if self.domains is not None:
-            names = check_names("MixDAConfig.domains", self.domains, what="domain names")
-            if self.num_domains is not None and self.num_domains != len(names):
-                _fail("num_domains", self.num_domains,
-                      f"len(domains) = {len(names)} when both are given")
-            self.domains = names
-            self.num_domains = len(names)
-        else:
-            self.domains = [f"domain_{k}" for k in range(self.num_domains)]
+        self._check_members("num_domains", "domain", "domain names")
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple)):
                 if is_int(self.layers):
                     self.layers = [self.layers]
                 else:
-                    _fail("layers", self.layers, "None or a list of int layer indices", TypeError)
+                    self._fail("layers", self.layers, "None or a list of int layer indices", TypeError)
             if not all(is_int(i) for i in self.layers):
-                _fail("layers", self.layers, "None or a list of int layer indices", TypeError)
+                self._fail("layers", self.layers, "None or a list of int layer indices", TypeError)
             if len(self.layers) == 0:
-                _fail("layers", self.layers, "None (every layer) or a non-empty list of indices")
+                self._fail("layers", self.layers, "None (every layer) or a non-empty list of indices")
             if len(self.layers) > MAX_LAYERS or any(not -MAX_LAYERS <= i < MAX_LAYERS for i in self.layers):
-                _fail("layers", self.layers, f"at most {MAX_LAYERS} layer indices in -{MAX_LAYERS} .. "
+                self._fail("layers", self.layers, f"at most {MAX_LAYERS} layer indices in -{MAX_LAYERS} .. "
                                              f"{MAX_LAYERS - 1} (mixda_fast.core.validate.MAX_LAYERS)")
             self.layers = list(self.layers)
         check_int("MixDAConfig.reduction_factor", self.reduction_factor, 1, cap="MAX_REDUCTION_FACTOR")
@@ -113,27 +98,16 @@ class MixDAConfig:
         check_int("MixDAConfig.gate_hidden", self.gate_hidden, 1, cap="MAX_GATE_HIDDEN")
         check_int("MixDAConfig.gate_layers", self.gate_layers, 1, cap="MAX_GATE_LAYERS")
         self.gate_dropout = check_float("MixDAConfig.gate_dropout", self.gate_dropout, 0.0, 1.0, hi_open=True)
-        if not isinstance(self.paper_gate_bug, bool):
-            _fail("paper_gate_bug", self.paper_gate_bug, "True or False", TypeError)
-        if not isinstance(self.extra, dict):
-            _fail("extra", self.extra, "a dict", TypeError)
+        self._check_flags("paper_gate_bug")
 
     @property
-    def num_experts(self) -> int:
+    def gate_width(self) -> int:
         """Softmax width of the gate: K + 1 for paper mixing (the FFN is an expert), else K."""
         return self.num_domains + (1 if self.mixing == "paper" else 0)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: Optional[str] = None) -> "MixDAConfig":
-        """The config of ``data``; ``source`` (e.g. the file it came from) starts every error."""
-        return config_from_dict(cls, data, source)
-
-    @classmethod
-    def from_json(cls, text: str, source: Optional[str] = None) -> "MixDAConfig":
-        return config_from_json(cls, text, source)
+    @property
+    def num_experts(self) -> int:
+        """Deprecated alias of :attr:`gate_width` (MoDEConfig.num_experts counts experts, N)."""
+        warnings.warn("MixDAConfig.num_experts is deprecated: use MixDAConfig.gate_width (the gate's softmax "
+                      "width, K + 1 with paper mixing)", DeprecationWarning, stacklevel=2)
+        return self.gate_width

@@ -175,7 +175,7 @@ class MixDAFFN(nn.Module):
         self.adapters = nn.ModuleDict({
             name: DomainAdapter(z_width, self.bottleneck, self.hidden_size, config.adapter_init, **factory)
             for name in config.domains})
-        self.gate = MixDAGate(z_width, config.num_experts, config.gate_hidden, config.gate_layers,
+        self.gate = MixDAGate(z_width, config.gate_width, config.gate_hidden, config.gate_layers,
                               config.gate_dropout, **factory)
 
     # -- host parts -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Configuration of a MoDE patch (Schafhalter et al., arXiv 2410.10181, section 3; DESIGN.md section 3).
+"""Configuration of a MoDE patch (Schafhalter et al., arXiv 2410.10181, section 3; docs/design.md section 3).
 
 A :class:`MoDEConfig` says how the model's L layers are cut into blocks, how many experts sit
 beside each block, how deep each expert is and how it starts. It is validated when it is built
@@ -9,12 +9,11 @@ checked by :func:`mixda_fast.patch_model`, which knows the model.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..core.validate import check_choice, check_int, check_names, config_from_dict, config_from_json, fail
+from ..core.config import MethodConfig
+from ..core.validate import check_choice, check_int
 
 __all__ = ["MoDEConfig", "EXPERT_INITS", "EXECUTIONS"]
 
@@ -22,12 +21,8 @@ EXPERT_INITS = ("copy", "random")
 EXECUTIONS = ("auto", "batched", "loop")
 
 
-def _fail(name: str, value: Any, accepted: str, exc=ValueError):
-    fail(f"MoDEConfig.{name}", value, accepted, exc)
-
-
 @dataclass
-class MoDEConfig:
+class MoDEConfig(MethodConfig):
     """Blocks, experts and gates of a MoDE patch. Defaults follow the paper (B = 3, L_e = 2).
 
     Stage 1 trains one expert per domain (``num_experts=1``, the default); stage 2 composes N
@@ -65,41 +60,14 @@ class MoDEConfig:
     def __post_init__(self) -> None:
         check_int("MoDEConfig.num_blocks", self.num_blocks, 1, cap="MAX_LAYERS")
         check_int("MoDEConfig.expert_layers", self.expert_layers, 1, cap="MAX_EXPERT_LAYERS")
-        if self.num_experts is not None:
-            check_int("MoDEConfig.num_experts", self.num_experts, 1, cap="MAX_DOMAINS")
-        if self.domains is not None:
-            names = check_names("MoDEConfig.domains", self.domains, what="expert (domain) names")
-            if self.num_experts is not None and self.num_experts != len(names):
-                _fail("num_experts", self.num_experts, f"len(domains) = {len(names)} when both are given")
-            self.domains = names
-            self.num_experts = len(names)
-        else:
-            if self.num_experts is None:
-                self.num_experts = 1
-            self.domains = [f"expert_{j}" for j in range(self.num_experts)]
+        if self.num_experts is None and self.domains is None:
+            self.num_experts = 1
+        self._check_members("num_experts", "expert", "expert (domain) names")
         for name, choices in (("expert_init", EXPERT_INITS), ("execution", EXECUTIONS)):
             check_choice(f"MoDEConfig.{name}", getattr(self, name), choices)
-        if not isinstance(self.freeze_experts, bool):
-            _fail("freeze_experts", self.freeze_experts, "True or False", TypeError)
-        if not isinstance(self.extra, dict):
-            _fail("extra", self.extra, "a dict", TypeError)
+        self._check_flags("freeze_experts")
 
     @property
     def gate_width(self) -> int:
         """Softmax width of every gate: N experts + the backbone."""
         return self.num_experts + 1
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: Optional[str] = None) -> "MoDEConfig":
-        """The config of ``data``; ``source`` (e.g. the file it came from) starts every error."""
-        return config_from_dict(cls, data, source)
-
-    @classmethod
-    def from_json(cls, text: str, source: Optional[str] = None) -> "MoDEConfig":
-        return config_from_json(cls, text, source)
