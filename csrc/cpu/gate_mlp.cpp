@@ -1,4 +1,4 @@
-// The per-token gate MLP as one op (DESIGN.md section 4; MixDAGate, dropout included):
+// The per-token gate MLP as one op (docs/design.md section 4; MixDAGate, dropout included):
 //
 //   d_1 = drop_1(z);  a_i = relu(d_i W_i^T + b_i), d_{i+1} = drop_{i+1}(a_i) (i < L);
 //   logits = d_L W_L^T + b_L

@@ -1,4 +1,4 @@
-// CPU kernels of the fused MixDA FFN (DESIGN.md section 4, steps 0-4).
+// CPU kernels of the fused MixDA FFN (docs/design.md section 4, steps 0-4).
 //
 //   ffn_in:     pre = x w1^T + b1 (gated: [x w1^T + b1 | x w3^T + b3]);  h = act(pre) (* up half)
 //   mixda_out:  p = [h w2^T + b2 | z wdown_k^T + bdown_k]_k;  g = softmax(logits)

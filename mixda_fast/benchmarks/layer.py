@@ -1,4 +1,4 @@
-"""Layer speed as DESIGN.md section 5 measures it: interleaved medians in one process.
+"""Layer speed as docs/design.md section 5 measures it: interleaved medians in one process.
 
 The headline is the *fraction of peak*: a contender's FLOPs per second divided by those of a
 2048^3 GEMM of the same dtype (1.0 is this machine's limit). For every case with at least 128
@@ -503,7 +503,7 @@ def profile_case(case: Case, contenders: Sequence[str] = ("fused",), calls: int 
 
 
 def gemm_ceiling(spec: CaseSpec, reps: int = 5, peak_n: int = PEAK_N) -> dict:
-    """What the GEMMs alone allow: each GEMM of the fused formulation (DESIGN.md section 4: the
+    """What the GEMMs alone allow: each GEMM of the fused formulation (docs/design.md section 4: the
     first GEMM, one GEMM over [W2 | Wdown_1..K], one over the packed [Wup_1..K], the gate MLP;
     in training also every input- and adapter-weight-gradient GEMM in the layout autograd uses)
     timed on its own as one ATen call, interleaved with the peak GEMM. Returns dict(flops,
@@ -645,7 +645,7 @@ def build_parser(prog: str = "python -m mixda_fast.benchmarks.layer") -> argpars
         prog=prog,
         description="Time one patched MixDA layer against the host's plain FFN, the eager and "
                     "torch.compile'd paper formulation and the folded torch formulation "
-                    "(DESIGN.md section 5). With no grid arguments it runs the default subset: "
+                    "(docs/design.md section 5). With no grid arguments it runs the default subset: "
                     "BERT-base, K=4, fp32 16x1 and 8x128, bf16 16x1 and 1x128, inference, plus the "
                     "fp32 8x128 training step.")
     p.add_argument("--shape", nargs="+", type=_shape_arg, default=None,

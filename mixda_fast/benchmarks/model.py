@@ -1,6 +1,6 @@
 """Model-level speed: one training step of MixDA (stage 1 and stage 2) against PEFT LoRA at equal
 trainable parameters and full fine-tuning, on the same model and batch; peak memory; inference
-latency. DESIGN.md section 5: contenders timed round-robin in one process, medians after warm-up.
+latency. docs/design.md section 5: contenders timed round-robin in one process, medians after warm-up.
 
 A training step is forward + backward + AdamW step + zero_grad, for every contender; AdamW is
 torch's fused implementation where this torch has it (what HuggingFace ``Trainer`` uses by

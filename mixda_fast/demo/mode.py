@@ -40,7 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import mixda_fast as mf
+from ..core.model import count_parameters
+from ..core.patch import mark_trainable, patch_model
+from ..mode import MoDEConfig, compose_experts, save_experts
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ def run(steps: int = 120, pretrain_steps: int = 300, lr: float = 1e-3, batch_siz
 
     logger.info("full fine-tuning on mixed data (%d steps)", 2 * steps)
     full = copy.deepcopy(base)
-    mf.mark_trainable(full, "all")
+    mark_trainable(full, "all")
     train(full, mixed, 2 * steps, lr, batch_size, seed + 1)
     rows.append(("full fine-tuning", full, "full fine-tuning"))
 
@@ -186,23 +188,23 @@ def run(steps: int = 120, pretrain_steps: int = 300, lr: float = 1e-3, batch_siz
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, name in enumerate(("A", "B")):
-            m = mf.patch_model(copy.deepcopy(base), mf.MoDEConfig(num_blocks=3, domains=[name], expert_layers=2))
-            mf.mark_trainable(m, "domain")
+            m = patch_model(copy.deepcopy(base), MoDEConfig(num_blocks=3, domains=[name], expert_layers=2))
+            mark_trainable(m, "domain")
             train(m, train_data[name], steps, lr, batch_size, seed + 2 + i)
             rows.append((f"MoDE expert {name} alone (stage 1)", m, "MoDE stage 1" if i == 0 else None))
-            paths.append(mf.save_experts(m, Path(tmp), domain=name))
-        mode = mf.compose_experts(copy.deepcopy(base), paths)
-        mf.mark_trainable(mode, "compose")
+            paths.append(save_experts(m, Path(tmp), domain=name))
+        mode = compose_experts(copy.deepcopy(base), paths)
+        mark_trainable(mode, "compose")
         train(mode, mixed, steps, lr, batch_size, seed + 4)
         rows.append(("MoDE composed (stage 2)", mode, "MoDE stage 2"))
         for execution in ("batched", "loop"):   # the same model with the other executions, timed only
-            other = mf.compose_experts(copy.deepcopy(base), paths, execution=execution)
-            mf.mark_trainable(other, "compose")
+            other = compose_experts(copy.deepcopy(base), paths, execution=execution)
+            mark_trainable(other, "compose")
             timed[f"MoDE stage 2, execution={execution!r}"] = other
     logger.info("timing one training step of every method, round-robin")
     timed.update({key: m for _, m, key in rows if key})
     ms = step_times(timed, mixed, batch_size, rounds=timing_rounds)
-    results = [Result(name, evaluate(m), 0 if m is base else mf.count_parameters(m)[0], ms.get(key, float("nan")))
+    results = [Result(name, evaluate(m), 0 if m is base else count_parameters(m)[0], ms.get(key, float("nan")))
                for name, m, key in rows]
     ms["MoDE stage 2, execution='auto' (default)"] = ms.pop("MoDE stage 2")
     return results, {k: v for k, v in ms.items() if k.startswith("MoDE stage 2")}

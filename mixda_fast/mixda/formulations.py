@@ -1,6 +1,6 @@
 """The MixDA layer's mixing math in pure torch, in two equivalent formulations.
 
-DESIGN.md section 1 (Diao et al., ACL 2023, eq. 1-3). With h the FFN's intermediate activation,
+docs/design.md section 1 (Diao et al., ACL 2023, eq. 1-3). With h the FFN's intermediate activation,
 f = W2 h + b2 the FFN output, adapters a_k = Wup_k GELU(Wdown_k z + bdown_k) + bup_k reading
 z (= h, or the FFN input x) and gate weights g = softmax(logits):
 

@@ -1,6 +1,6 @@
 """The patched feed-forward network: host FFN + K domain adapters + softmax gate (MixDA).
 
-DESIGN.md section 1. :class:`MixDAFFN` replaces one layer's FFN module in place and keeps the
+docs/design.md section 1. :class:`MixDAFFN` replaces one layer's FFN module in place and keeps the
 original as ``base_layer`` (PEFT's shape); it computes the whole FFN with the host's own
 projections and activation, so with the adapters switched off it is the host FFN bit for bit.
 """

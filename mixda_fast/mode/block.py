@@ -1,5 +1,5 @@
 """One MoDE block: N experts beside a slice of the frozen backbone, and the per-token gate that
-mixes them (Schafhalter et al., arXiv 2410.10181, section 3; DESIGN.md section 3).
+mixes them (Schafhalter et al., arXiv 2410.10181, section 3; docs/design.md section 3).
 
 For block i with input x (the input of the block's first backbone layer)::
 

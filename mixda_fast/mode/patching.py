@@ -1,4 +1,4 @@
-"""Adding MoDE blocks to a HuggingFace model in place, and taking them out again (DESIGN.md section 3).
+"""Adding MoDE blocks to a HuggingFace model in place, and taking them out again (docs/design.md section 3).
 
 :func:`mixda_fast.patch_model` with a :class:`~mixda_fast.MoDEConfig` lands here. The backbone's
 layers stay exactly where they are (same modules, same names, same state-dict keys): the experts

@@ -18,17 +18,15 @@
 
 from __future__ import annotations
 
-# check_devices, _ext and the *_ref aliases are package attributes used by the layers and tests,
-# outside __all__ as before.
-from . import _ext  # noqa: F401
-from .backend import BACKEND_ENV, BACKENDS, get_backend, kernels_available, runs_kernels_for, set_backend
-from .backend import check_devices  # noqa: F401
+from . import _ext  # noqa: F401  (the loader; ``mixda_fast.ops._ext`` for tests)
+from .backend import (BACKEND_ENV, BACKENDS, check_devices, extension_status, get_backend, kernels_available,
+                      runs_kernels_for, set_backend)
 from .combine import softmax_combine
 from .ffn import ffn_in, mixda_out
 from .gate import dropout_seed, gate_mlp
 from .packed import packed_rows
-from .reference import ffn_in_ref, gate_mlp_ref, mixda_out_ref, softmax_combine_ref  # noqa: F401
+from .reference import ffn_in_ref, gate_mlp_ref, mixda_out_ref, softmax_combine_ref
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "softmax_combine",
-           "ffn_in", "mixda_out", "gate_mlp", "dropout_seed", "packed_rows",
-           "runs_kernels_for"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "extension_status",
+           "runs_kernels_for", "check_devices", "softmax_combine", "ffn_in", "mixda_out", "gate_mlp",
+           "dropout_seed", "packed_rows", "softmax_combine_ref", "ffn_in_ref", "mixda_out_ref", "gate_mlp_ref"]

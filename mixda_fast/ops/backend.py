@@ -26,8 +26,8 @@ from torch import Tensor
 
 from . import _ext
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "runs_kernels_for",
-           "autocast_inputs", "autocast_off", "check_devices"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "set_backend", "get_backend", "kernels_available", "extension_status",
+           "runs_kernels_for", "autocast_inputs", "autocast_off", "check_devices"]
 
 BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MIXDA_FAST_BACKEND"
@@ -55,6 +55,14 @@ def set_backend(name: str) -> None:
     global _backend, _use_kernels
     _use_kernels = _resolve(name, "set_backend(name)")
     _backend = name
+
+
+def extension_status() -> dict:
+    """What the compiled extension gives: ``available``, ``error`` (why not; None when
+    available), ``cpu_isa`` (the vector ISA its CPU kernels were compiled for) and ``devices``
+    (device types with kernels). ``python -m mixda_fast.info`` prints it."""
+    return {"available": _ext.EXT_AVAILABLE, "error": _ext.EXT_ERROR, "cpu_isa": _ext.EXT_CPU_ISA,
+            "devices": sorted(_KERNEL_DEVICES)}
 
 
 def get_backend() -> str:

@@ -1,4 +1,4 @@
-"""The fused MixDA FFN (DESIGN.md section 4): ``ffn_in`` (the host FFN's first GEMM with its
+"""The fused MixDA FFN (docs/design.md section 4): ``ffn_in`` (the host FFN's first GEMM with its
 activation as the epilogue) and ``mixda_out`` (second GEMM, K adapters, gate softmax and mix),
 each beside the fake (meta) impls and autograd formula of its compiled ops
 (``mixda_fast::ffn_in`` / ``ffn_in_backward``, ``mixda_fast::mixda_out`` / ``mixda_out_backward``).

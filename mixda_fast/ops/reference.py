@@ -1,4 +1,4 @@
-"""Pure-torch references of the compiled ops in ``torch.ops.mixda_fast`` (DESIGN.md section 4).
+"""Pure-torch references of the compiled ops in ``torch.ops.mixda_fast`` (docs/design.md section 4).
 
 Each ``<op>_ref`` has the signature and semantics of the op it mirrors and plays three parts:
 the fallback when the extension is not built (``mixda_fast.ops`` picks one or the other), the
@@ -73,7 +73,7 @@ def softmax_combine_ref(logits: Tensor, experts: Tensor) -> Tensor:
     return out.to(experts.dtype)
 
 
-# ---- fused MixDA FFN (DESIGN.md section 4, steps 0-4) ------------------------------------------
+# ---- fused MixDA FFN (docs/design.md section 4, steps 0-4) ------------------------------------------
 
 def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
                act: int) -> tuple[Tensor, Tensor]:
@@ -101,7 +101,7 @@ def ffn_in_ref(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor]
 
 def mixda_out_ref(h: Tensor, z: Tensor, w2: Tensor, b2: Optional[Tensor], wdown: list[Tensor],
                   bdown: list[Tensor], wup: list[Tensor], bup: list[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
-    """FFN output, K adapters and the gate mix (the folded form of DESIGN.md section 1).
+    """FFN output, K adapters and the gate mix (the folded form of docs/design.md section 1).
 
     Args:
         h: (N, F) intermediate activation; z: (N, Din) adapter input (h itself, or the FFN input).

@@ -1,4 +1,4 @@
-"""Training data for the two MixDA stages (DESIGN.md section 2), from local files via ``datasets``.
+"""Training data for the two MixDA stages (docs/design.md section 2), from local files via ``datasets``.
 
 File formats (``.json``: a JSON array of objects or JSON lines; ``.jsonl``: JSON lines; ``.txt``:
 one example per non-empty line):

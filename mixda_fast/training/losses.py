@@ -1,4 +1,4 @@
-"""The stage-1 losses (DESIGN.md section 2): L = lambda * L_knowledge + L_old.
+"""The stage-1 losses (docs/design.md section 2): L = lambda * L_knowledge + L_old.
 
 - ``knowledge_loss``: masked-LM cross-entropy on the labelled (masked) positions, or causal-LM
   cross-entropy on the labelled next tokens. The LM head runs on the labelled positions only

@@ -1,5 +1,5 @@
 """MoDE's two stages on the MixDA training machinery (Schafhalter et al., arXiv 2410.10181;
-DESIGN.md section 3): the same ``MixDATrainer`` (HuggingFace ``Trainer``; trainable-only
+docs/design.md section 3): the same ``MixDATrainer`` (HuggingFace ``Trainer``; trainable-only
 checkpoints, resume, ``accelerate`` / ``torchrun``), the same data files and collators.
 
 - Stage 1 (:func:`run_mode_stage1`): one expert per domain. The model is patched with one

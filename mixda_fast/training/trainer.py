@@ -1,4 +1,4 @@
-"""HuggingFace ``Trainer`` for both MixDA stages (DESIGN.md section 2).
+"""HuggingFace ``Trainer`` for both MixDA stages (docs/design.md section 2).
 
 ``MixDATrainer`` is a plain ``transformers.Trainer`` with three changes:
 

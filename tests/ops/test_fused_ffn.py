@@ -1,4 +1,4 @@
-"""The fused MixDA FFN ops (mixda_fast::ffn_in, mixda_out and their backwards; DESIGN.md section 4):
+"""The fused MixDA FFN ops (mixda_fast::ffn_in, mixda_out and their backwards; docs/design.md section 4):
 kernel vs reference over a property-based shape grid, gradcheck, opcheck, bad input, thread
 counts, and the patched layer through them (formulations and backends agree, torch.compile
 sees no graph break)."""

@@ -1,5 +1,5 @@
 """mixda_fast::softmax_combine and its backward: kernel vs reference, gradcheck, opcheck,
-torch.compile, argument errors and the backend switch (DESIGN.md section 4, step 4)."""
+torch.compile, argument errors and the backend switch (docs/design.md section 4, step 4)."""
 
 import os
 import subprocess

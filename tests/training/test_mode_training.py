@@ -1,4 +1,4 @@
-"""MoDE's two stages on the MixDA training machinery (DESIGN.md section 3), through the Python API
+"""MoDE's two stages on the MixDA training machinery (docs/design.md section 3), through the Python API
 and ``mixda-fast stage1/stage2/evaluate --method mode``, on tiny checkpoints: only expert + gates
 train in stage 1, the backbone stays bit-identical, stage 2 composes two stage-1 outputs, bad input
 errors name what is wrong; and a MoDE-patched model under torch.compile without graph breaks."""
