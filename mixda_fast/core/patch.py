@@ -14,15 +14,16 @@ same journal. ``model.config.mixda_fast`` records the method and its config for
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch.nn as nn
 
 from .families import FamilySpec
 
 __all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
-           "unpatch_model", "mark_trainable", "is_patched", "patch_state", "CONFIG_KEY", "STATE_ATTR"]
+           "unpatch_model", "mark_trainable", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
 
 STATE_ATTR = "_mixda_fast_state"
 """Attribute of a patched model that holds its :class:`PatchState`."""
@@ -169,6 +170,31 @@ def _record_patch(model: nn.Module, journal: Journal, method: str, config: dict)
         journal.hook(_Record(hf_config, {"method": method, "config": config}))
 
 
+def check_member(model: nn.Module, name, fn: str, method: str) -> None:
+    """Refuse ``name`` unless it names a member (domain, expert) of the model's ``method``
+    patch; None passes."""
+    if name is None:
+        return
+    state = patch_state(model, fn, method)
+    if not isinstance(name, str) or name not in state.config.domains:
+        raise ValueError(f"{fn}: domain={name!r} is not accepted: the model's {state.method.members} are "
+                         f"{list(state.config.domains)}")
+
+
+@contextlib.contextmanager
+def attribute_set(objects: list, name: str, value) -> Iterator[None]:
+    """Inside the block ``obj.<name>`` is ``value`` for every object; the old values come back
+    after it, also on error."""
+    before = [getattr(o, name) for o in objects]
+    for o in objects:
+        setattr(o, name, value)
+    try:
+        yield
+    finally:
+        for o, v in zip(objects, before):
+            setattr(o, name, v)
+
+
 def _accepted_configs() -> str:
     return " or ".join(f"a mixda_fast.{m.config_class.__name__}" for m in _METHODS.values())
 
@@ -234,9 +260,7 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -
         raise ValueError(f"mark_trainable: domain={domain!r} is only accepted with stage='domain', got stage={stage!r}")
     if stage not in ("none", "all"):
         state = patch_state(model, "mark_trainable")
-        if domain is not None and domain not in state.config.domains:
-            raise ValueError(f"mark_trainable: domain={domain!r} is not accepted: the model's "
-                             f"{method.members} are {list(state.config.domains)}")
+        check_member(model, domain, "mark_trainable", method.name)
     for p in model.parameters():
         p.requires_grad_(stage == "all")
     if method is not None and stage not in ("none", "all"):

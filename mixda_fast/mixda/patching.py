@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..core.call_state import CallState
 from ..core.families import FamilySpec, family_of, is_causal
 from ..core.model import base_model_of, layer_list
-from ..core.patch import Journal, PatchState, patch_state
+from ..core.patch import Journal, PatchState, attribute_set, patch_state
 from .config import MixDAConfig
 from .layer import FFNOutputBypass, MixDAFFN
 from .state_dict_names import register_name_hooks
@@ -144,12 +144,5 @@ def mixda_modules(model: nn.Module) -> dict[int, MixDAFFN]:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block every patched FFN is its host FFN exactly (for the old-knowledge loss)."""
-    mods = list(mixda_modules(model).values())
-    before = [m.adapters_enabled for m in mods]
-    for m in mods:
-        m.adapters_enabled = False
-    try:
+    with attribute_set(list(mixda_modules(model).values()), "adapters_enabled", False):
         yield model
-    finally:
-        for m, b in zip(mods, before):
-            m.adapters_enabled = b

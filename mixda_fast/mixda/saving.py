@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..core.io import ADAPTERS as FORMAT, AdapterFileNotFoundError, file_in, load_into, read_safetensors, save_tensors
 from .config import MixDAConfig
+from ..core.patch import check_member
 from .patching import mixda_modules, mixda_state
 
 __all__ = ["save_adapters", "load_adapters", "AdapterFileNotFoundError", "FORMAT"]
@@ -29,14 +30,6 @@ _STRUCTURAL = ("reduction_factor", "adapter_input", "gate", "gate_hidden", "gate
 
 def _file_name(domain: Optional[str]) -> str:
     return "mixda_adapters.safetensors" if domain is None else f"mixda_adapter_{domain}.safetensors"
-
-
-def _check_domain(model: nn.Module, domain, fn: str) -> None:
-    if domain is None:
-        return
-    names = mixda_state(model, fn).config.domains
-    if not isinstance(domain, str) or domain not in names:
-        raise ValueError(f"{fn}: domain={domain!r} is not accepted: the model's domains are {list(names)}")
 
 
 def _tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.Tensor]:
@@ -62,7 +55,7 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     """
     path = file_in(path, "save_adapters", _file_name(domain), writing=True)
     state = mixda_state(model, "save_adapters")
-    _check_domain(model, domain, "save_adapters")
+    check_member(model, domain, "save_adapters", "mixda")
     metadata = {"format": FORMAT, "kind": "all" if domain is None else "domain",
                 "model_type": state.model_type, "config": state.config.to_json(),
                 "layers": json.dumps(state.layers), "domain": domain or ""}
@@ -81,7 +74,7 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
     """
     path = file_in(path, "load_adapters", _file_name(domain), existing=(_file_name(None), _file_name(domain)))
     state = mixda_state(model, "load_adapters")
-    _check_domain(model, domain, "load_adapters")
+    check_member(model, domain, "load_adapters", "mixda")
     meta, tensors = read_safetensors(path, FORMAT, "load_adapters")
     where = f"load_adapters: {str(path)!r}"
     if meta.get("model_type") != state.model_type:
@@ -104,7 +97,7 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optio
         diffs.pop("mixing", None)
         if domain is None:
             domain = meta.get("domain")
-            _check_domain(model, domain, f"{where} holds domain {domain!r};")
+            check_member(model, domain, f"{where} holds domain {domain!r};", "mixda")
     else:
         raise ValueError(f"{where} has kind={kind!r}; expected 'all' or 'domain'")
     if diffs:

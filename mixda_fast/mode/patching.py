@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..core.call_state import CallState
 from ..core.families import FamilySpec, family_of, linear_weight
 from ..core.model import base_model_of, layer_list
-from ..core.patch import Journal, PatchState, is_patched, patch_state
+from ..core.patch import Journal, PatchState, attribute_set, is_patched, patch_state
 from .block import MoDEBlock
 from .config import MoDEConfig
 
@@ -208,27 +208,12 @@ def gate_forced(model: nn.Module, expert: Union[int, str] = "backbone") -> Itera
     """Inside the block every gate is exactly one-hot on ``expert`` ("backbone", a name or an
     index; the experts still run and are mixed with weights exactly 0 and 1): with "backbone" the
     model computes exactly what the unpatched model computes."""
-    k = _expert_index(model, expert, "gate_forced")
-    blocks = mode_blocks(model)
-    before = [b.force_gate for b in blocks]
-    for b in blocks:
-        b.force_gate = k
-    try:
+    with attribute_set(mode_blocks(model), "force_gate", _expert_index(model, expert, "gate_forced")):
         yield model
-    finally:
-        for b, v in zip(blocks, before):
-            b.force_gate = v
 
 
 @contextlib.contextmanager
 def experts_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the experts are skipped: the model is its backbone exactly (and as fast)."""
-    blocks = mode_blocks(model)
-    before = [b.enabled for b in blocks]
-    for b in blocks:
-        b.enabled = False
-    try:
+    with attribute_set(mode_blocks(model), "enabled", False):
         yield model
-    finally:
-        for b, v in zip(blocks, before):
-            b.enabled = v

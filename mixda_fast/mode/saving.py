@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from ..core.io import EXPERTS as FORMAT, check_tensors, file_in, load_into, read_safetensors, save_tensors
-from ..core.patch import is_patched, patch_model, unpatch_model
+from ..core.patch import check_member, is_patched, patch_model, unpatch_model
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
@@ -27,14 +27,6 @@ __all__ = ["save_experts", "load_experts", "compose_experts", "read_expert_metad
 
 def _file_name(domain: Optional[str]) -> str:
     return "mode_experts.safetensors" if domain is None else f"mode_expert_{domain}.safetensors"
-
-
-def _check_domain(model: nn.Module, domain, fn: str) -> None:
-    if domain is None:
-        return
-    names = mode_state(model, fn).config.domains
-    if not isinstance(domain, str) or domain not in names:
-        raise ValueError(f"{fn}: domain={domain!r} is not accepted: the model's experts are {list(names)}")
 
 
 def _expert_tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.Tensor]:
@@ -67,7 +59,7 @@ def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
     file written.
     """
     path = file_in(path, "save_experts", _file_name(domain), writing=True)
-    _check_domain(model, domain, "save_experts")
+    check_member(model, domain, "save_experts", "mode")
     tensors = _expert_tensors(model, domain)
     names = mode_state(model).config.domains
     for i, block in enumerate(mode_blocks(model)):
@@ -128,7 +120,7 @@ def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
     Raises ValueError naming what differs; on error nothing is changed.
     """
     state = mode_state(model, "load_experts")
-    _check_domain(model, domain, "load_experts")
+    check_member(model, domain, "load_experts", "mode")
     path = _resolve(path, "load_experts", domain)
     meta, tensors = _read(path, "load_experts")
     where = f"load_experts: {str(path)!r}"
@@ -158,7 +150,7 @@ def load_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
     else:
         if domain is None:
             domain = meta.get("domain")
-            _check_domain(model, domain, f"{where} holds expert {domain!r};")
+            check_member(model, domain, f"{where} holds expert {domain!r};", "mode")
         targets = {k.replace(f".experts.{domain}.", ".expert."): v
                    for k, v in _expert_tensors(model, domain).items()}
         if gate:
