@@ -3,6 +3,9 @@
 Reached through :func:`mixda_fast.mark_trainable`, which freezes everything first, checks the
 stage and the domain, and then calls :func:`unfreeze`:
 
+The gates train in both stages unless their softmax has one entry (residual mixing with K = 1),
+which is constant and gets no gradient.
+
 - ``"domain"`` (stage 1): domain adapters and gates; with ``domain``, only that domain's adapters
   (plus the gates).
 - ``"task"`` (stage 2): gates, task adapters and the task head (domain adapters frozen).
@@ -27,7 +30,7 @@ STAGES = ("domain", "task", "none", "all")
 def unfreeze(model: nn.Module, state: PatchState, stage: str, domain: Optional[str]) -> None:
     """``requires_grad`` on for what ``stage`` ("domain" or "task") trains."""
     for m in mixda_modules(model).values():
-        m.gate.requires_grad_(True)
+        m.gate.requires_grad_(m.mixda_config.gate_width > 1)   # a one-entry softmax is constant: no gradient
         if stage == "domain":
             for name, adapter in m.adapters.items():
                 adapter.requires_grad_(domain is None or name == domain)

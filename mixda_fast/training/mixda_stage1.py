@@ -104,7 +104,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         raise ValueError(f"run_stage1: domain={domain!r} is not accepted: the patch's domains are {list(config.domains)}")
     causal = is_causal_lm(model)
     mark_trainable(model, "domain", domain=domain)
-    if config.mixing == "residual" and config.num_domains == 1 and train_gate:
+    if config.gate_width == 1 and train_gate:            # mark_trainable left it frozen
         logger.info("run_stage1: residual mixing with one domain: the gate's softmax has one entry (always 1), "
                     "so the gate gets no gradient; it is frozen")
         train_gate = False

@@ -27,7 +27,6 @@ from ..core.io import HEAD, LM_HEAD
 from ..core.model import count_parameters, head_parameters
 from ..core.patch import is_patched, mark_trainable, patch_model
 from ..mixda.config import MixDAConfig
-from ..mixda.layer import MixDAGate
 from ..mixda.patching import patch_config
 from ..mixda.saving import load_adapters, save_adapters
 from ..task_adapters import add_task_adapters, has_task_adapters, load_task_adapters, save_task_adapters
@@ -118,11 +117,6 @@ def freeze_for_task(model: nn.Module) -> None:
     task-adapter-only baseline) the task adapters and the head."""
     if is_patched(model):
         mark_trainable(model, "task")
-        config = patch_config(model)
-        if config.mixing == "residual" and config.num_domains == 1:   # a one-entry softmax: constant
-            for m in model.modules():
-                if isinstance(m, MixDAGate):
-                    m.requires_grad_(False)
         return
     for p in model.parameters():
         p.requires_grad_(False)
