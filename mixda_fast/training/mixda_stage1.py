@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..core.families import family_of
 from ..core.io import LM_HEAD
 from ..core.model import count_parameters, head_parameters, layer_list
-from ..core.patch import is_patched, mark_trainable, patch_model
+from ..core.patch import check_member, is_patched, mark_trainable, patch_model
 from ..mixda.config import MixDAConfig
 from ..mixda.layer import MixDAGate
 from ..mixda.patching import patch_config
@@ -100,8 +100,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         raise ValueError("run_stage1: model is already patched with another config; pass config=None or an "
                          "unpatched model")
     config = patch_config(model)
-    if domain not in config.domains:
-        raise ValueError(f"run_stage1: domain={domain!r} is not accepted: the patch's domains are {list(config.domains)}")
+    check_member(model, domain, "run_stage1", "mixda")
     causal = is_causal_lm(model)
     mark_trainable(model, "domain", domain=domain)
     if config.gate_width == 1 and train_gate:            # mark_trainable left it frozen

@@ -38,7 +38,7 @@ from ..mode.config import MoDEConfig
 from ..mode.patching import is_mode_patched, mode_state
 from ..mode.saving import compose_experts, load_experts, save_experts
 from ..core.model import count_parameters
-from ..core.patch import is_patched, mark_trainable, patch_model
+from ..core.patch import check_member, is_patched, mark_trainable, patch_model
 from .data import KnowledgeCollator, encode_knowledge, load_knowledge
 from .evaluate import batches, predicted_logits
 from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
@@ -248,9 +248,7 @@ def run_mode_stage1(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     elif config is not None and config is not mode_state(model).config:
         raise ValueError("run_mode_stage1: model is already patched with another config; pass config=None or an "
                          "unpatched model")
-    names = mode_state(model).config.domains
-    if domain not in names:
-        raise ValueError(f"run_mode_stage1: domain={domain!r} is not accepted: the model's experts are {list(names)}")
+    check_member(model, domain, "run_mode_stage1", "mode")
     mark_trainable(model, "domain", domain=domain)
     trainer, timer, sources, causal, counts, metrics = _train(
         model, tokenizer, data, output_dir, fn="MoDE stage 1", max_length=max_length, training_args=training_args,
