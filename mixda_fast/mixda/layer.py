@@ -20,6 +20,7 @@ from ..core.call_state import CallState, StopForward
 from .config import MixDAConfig
 from ..core.families import FamilySpec, linear_weight
 from .. import ops
+from . import packing
 from ..ops.activations import activation_code
 from .formulations import folded_form, paper_form
 
@@ -109,16 +110,6 @@ class FFNOutputBypass(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
-
-
-def _packable(params: list) -> bool:
-    """Plain Parameters (no tensor subclass; CPU or CUDA storage; not inference tensors, which
-    cannot become views) of one trailing shape, dtype and device."""
-    p0 = params[0]
-    return all(type(p) is nn.Parameter and p.layout == torch.strided and p.device.type in ("cpu", "cuda")
-               and not p.is_inference() and p.dim() == p0.dim()
-               and p.shape[1:] == p0.shape[1:] and p.dtype == p0.dtype and p.device == p0.device
-               for p in params)
 
 
 def _plain_projection(m: nn.Module) -> bool:
@@ -224,62 +215,30 @@ class MixDAFFN(nn.Module):
         D = y2.shape[1]
         return y2.view(B, T, D), p[:, :D].view(B, T, D)
 
-    # -- packed weights -------------------------------------------------------------------------
+    # -- packed weights (packing.py) ---------------------------------------------------------
     def _pack_members(self, host: bool) -> tuple[list, list]:
-        """The parameters packed together: the K down-projection weights and biases, preceded by
-        the host's W2 and b2 when ``host`` and the kernel can use them (adapters reading h, an
-        ``nn.Linear`` second projection with a bias)."""
+        """The K adapters' down-projection weights and biases, preceded by the host's W2 and b2
+        when ``host`` and the kernel can use them (adapters reading h)."""
         ads = list(self.adapters.values())
-        ws, bs = [a.down.weight for a in ads], [a.down.bias for a in ads]
-        down = self._down()
-        if (host and self.mixda_config.adapter_input == "intermediate" and type(down) is nn.Linear
-                and down.bias is not None and _packable([down.weight] + ws) and _packable([down.bias] + bs)):
-            return [down.weight] + ws, [down.bias] + bs
-        return ws, bs
+        down = self._down() if host and self.mixda_config.adapter_input == "intermediate" else None
+        return packing.members([a.down.weight for a in ads], [a.down.bias for a in ads], down)
 
     def adapters_packed(self, host: bool = False) -> bool:
-        """True when the K adapters' down-projection weights and biases (with ``host``, preceded
-        by W2 and b2 where :meth:`pack_adapters` packs them) each lie back to back in one buffer:
-        the layout the fused kernel runs as a single GEMM."""
-        ws, bs = self._pack_members(host)
-        return ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None
+        """Whether the K adapters' down-projections (with ``host``, preceded by W2 and b2 where
+        :meth:`pack_adapters` packs them) lie back to back in one buffer: one GEMM in the kernel."""
+        return packing.is_packed(*self._pack_members(host))
 
-    @torch.no_grad()
     def pack_adapters(self, host: bool = False) -> bool:
-        """Lay the K adapters' down-projection weights (r, Din) and biases (r,) out back to back
-        in one buffer each and make the parameters views of it, as ``nn.LSTM.flatten_parameters()``
-        does: ``h @ [Wdown_1 .. Wdown_K]^T`` is then one GEMM, with nothing copied per call. With
-        ``host`` (the fused forward asks for it), the host's W2 (D, F) and b2 go first, so that
-        ``h @ [W2 | Wdown_1 .. Wdown_K]^T`` is one GEMM: BERT-style hosts (an ``nn.Linear`` with a
-        bias) with the adapters reading h. Their values never change; :meth:`release_host_weights`
-        (``unpatch_model`` calls it) gives them storage of their own again.
-
-        ``patch_model`` packs (:meth:`pack_for_forward`), and so does ``.to()`` / ``.half()``
-        (``_apply``); the forward never does, so a patched model can serve several threads at
-        once. In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into
-        the buffer, so it is never stale. A parameter replaced otherwise (a new Parameter or
-        module, ``load_state_dict(assign=True)``) is no longer a view of it: the kernel checks the
-        layout on every call and runs the unpacked GEMMs, exactly as correct (call
-        :meth:`pack_for_forward` to pack again). Values, Parameter objects (so optimizer state),
-        ``requires_grad`` and flags are kept. Returns whether the parameters are packed (never for
-        inference tensors, e.g. a model patched under ``torch.inference_mode``)."""
-        ws, bs = self._pack_members(host)
-        if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
-            return False
-        if self.adapters_packed(host):
-            return True
-        with torch.inference_mode(False):              # plain tensors, usable by autograd later
-            for params in (ws, bs):
-                flat = torch.cat([p.detach() for p in params])      # (D + K r, F) / (K r, Din), or 1-d
-                start = 0
-                for p in params:
-                    p.data = flat[start:start + p.shape[0]]
-                    start += p.shape[0]
-        return True
+        """Make the K adapters' down-projection weights and biases (with ``host``, W2 and b2
+        first: BERT-style hosts, adapters reading h) views of one buffer each (``packing``);
+        returns whether they are packed. ``patch_model``, ``.to()`` and ``copy.deepcopy`` pack;
+        a forward never does, so threads may share a patched model. A parameter replaced since
+        runs unpacked, exactly as correct, until this is called again. :meth:`release_host_weights`
+        (``unpatch_model``) gives W2 and b2 storage of their own again."""
+        return packing.pack(*self._pack_members(host))
 
     def pack_for_forward(self) -> bool:
-        """:meth:`pack_adapters` with the host's W2 and b2 when the fused forward computes this
-        host (``_fused_host``), without them otherwise."""
+        """:meth:`pack_adapters`, with W2 and b2 when the fused forward computes this host."""
         return self.pack_adapters(host=self._fused_host() is not None)
 
     def _apply(self, fn, recurse=True):
@@ -291,19 +250,12 @@ class MixDAFFN(nn.Module):
         super().__setstate__(state)          # copy.deepcopy gives each parameter storage of its own
         self.pack_for_forward()
 
-    @torch.no_grad()
     def release_host_weights(self) -> None:
-        """Give the host's W2 and b2 storage of their own again when they share one (after
-        :meth:`pack_adapters` packed them with the adapters): same values, and the unpatched
+        """Give the host's W2 and b2 storage of their own again (same values), so the unpatched
         model keeps no buffer of ours alive."""
         down = self._down()
-        if type(down) is not nn.Linear:
-            return
-        for p in (down.weight, down.bias):
-            if (p is not None and p.device.type in ("cpu", "cuda") and not p.is_inference()
-                    and p.untyped_storage().nbytes() > p.numel() * p.element_size()):
-                with torch.inference_mode(False):
-                    p.data = p.data.clone()
+        if type(down) is nn.Linear:
+            packing.release([down.weight, down.bias])
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         return self._sub(self._spec.post)(y) if self._spec.post else y
