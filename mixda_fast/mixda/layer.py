@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.call_state import CallState, StopForward
 from .config import MixDAConfig
@@ -23,65 +21,11 @@ from .. import ops
 from . import packing
 from ..ops.activations import activation_code
 from .formulations import folded_form, paper_form
+from .modules import DomainAdapter, FFNOutputBypass, GatePlan, MixDAGate, mark_hf_initialized  # noqa: F401
 
 __all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "last_index"]
 
 logger = logging.getLogger(__name__)
-
-
-def mark_hf_initialized(module: nn.Module) -> None:
-    """Flag every submodule and parameter as initialised, so a later HuggingFace
-    ``initialize_weights()`` / ``post_init()`` (which re-inits unflagged modules one by one) leaves
-    them alone: the released MixDA code lost its zero up-projection that way."""
-    for m in module.modules():
-        m._is_hf_initialized = True
-    for p in module.parameters():
-        p._is_hf_initialized = True
-
-
-class DomainAdapter(nn.Module):
-    """a = Wup GELU(Wdown z + bdown) + bup (Houlsby-style bottleneck, no residual of its own)."""
-
-    def __init__(self, in_features: int, bottleneck: int, out_features: int, init: str,
-                 device=None, dtype=None):
-        super().__init__()
-        self.down = nn.Linear(in_features, bottleneck, device=device, dtype=dtype)
-        self.up = nn.Linear(bottleneck, out_features, device=device, dtype=dtype)
-        self.reset_parameters(init)
-        mark_hf_initialized(self)  # HF's init must not overwrite the zero up-projection
-
-    @torch.no_grad()
-    def reset_parameters(self, init: str) -> None:
-        if init == "zero_up":
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.up.weight)
-        else:  # "normal"
-            nn.init.normal_(self.down.weight, std=0.02)
-            nn.init.normal_(self.up.weight, std=0.02)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.up(F.gelu(self.down(z)))
-
-
-class MixDAGate(nn.Sequential):
-    """Dropout -> Linear(in, H) -> [ReLU -> Dropout -> Linear(H, H)] x (n-2) -> ReLU -> Dropout
-    -> Linear(H, E): the released code's 4-Linear, width-768 gate for n = 4."""
-
-    def __init__(self, in_features: int, num_experts: int, hidden: int, num_linear: int,
-                 dropout: float, device=None, dtype=None):
-        mods: list[nn.Module] = []
-        width = in_features
-        for i in range(num_linear):
-            if i > 0:
-                mods.append(nn.ReLU())
-            mods.append(nn.Dropout(dropout))
-            out = num_experts if i == num_linear - 1 else hidden
-            mods.append(nn.Linear(width, out, device=device, dtype=dtype))
-            width = out
-        super().__init__(*mods)
-        mark_hf_initialized(self)
 
 
 @functools.lru_cache(maxsize=64)
@@ -102,14 +46,6 @@ def last_index(mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional
         return None
     m = mask[:, -T:].to(device=device) != 0                   # (B, T)
     return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
-
-
-class FFNOutputBypass(nn.Module):
-    """Sits where the host's second projection was when that projection lives outside the FFN
-    module (BERT's ``output.dense``): the patched FFN already applied it."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
 
 
 def _plain_projection(m: nn.Module) -> bool:
@@ -166,6 +102,7 @@ class MixDAFFN(nn.Module):
             for name in config.domains})
         self.gate = MixDAGate(z_width, config.num_experts, config.gate_hidden, config.gate_layers,
                               config.gate_dropout, **factory)
+        self._gate_plan = GatePlan(self.gate)
 
     # -- host parts -------------------------------------------------------------------------
     def _sub(self, path: str) -> nn.Module:
@@ -248,6 +185,7 @@ class MixDAFFN(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)          # copy.deepcopy gives each parameter storage of its own
+        self._gate_plan = GatePlan(self.gate)                            # (also for older pickles)
         self.pack_for_forward()
 
     def release_host_weights(self) -> None:
@@ -263,23 +201,14 @@ class MixDAFFN(nn.Module):
     # -- gate -------------------------------------------------------------------------------
     def _fused_gate_params(self) -> Optional[tuple[list, list, float]]:
         """(weights, biases, dropout p) for ``ops.gate_mlp`` when the fused formulation may run
-        the gate as one op: a MixDAGate of the layout it builds (Dropout before every Linear,
-        ReLU between), unhooked, its dropouts all inactive (eval mode or p = 0) or all active
-        with one p."""
-        gate = self.gate
-        if self.formulation != "fused" or type(gate) is not MixDAGate or gate._forward_hooks or gate._forward_pre_hooks:
+        the gate as one op (``GatePlan.params``), else None. The layout is decided once, and
+        again only after the gate or one of its modules was swapped."""
+        if self.formulation != "fused":
             return None
-        mods = list(gate)
-        L = sum(type(m) is nn.Linear for m in mods)
-        layout = [t for i in range(L) for t in ((nn.ReLU,) if i else ()) + (nn.Dropout, nn.Linear)]
-        if [type(m) for m in mods] != layout or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
-            return None
-        ws = [m.weight for m in mods if type(m) is nn.Linear]
-        bs = [m.bias for m in mods if type(m) is nn.Linear]
-        ps = {m.p if m.training else 0.0 for m in mods if type(m) is nn.Dropout}
-        if len(ps) != 1 or not 0 <= next(iter(ps)) < 1 or any(b is None for b in bs):
-            return None                                  # (nn.Dropout takes p = 1, the op does not)
-        return ws, bs, ps.pop()
+        plan = self._gate_plan
+        if not plan.holds(self.gate):
+            plan = self._gate_plan = GatePlan(self.gate)
+        return plan.params()
 
     def _gate(self, z: torch.Tensor) -> torch.Tensor:
         params = self._fused_gate_params()
