@@ -2,7 +2,9 @@
 
 DESIGN.md section 1. :class:`MixDAFFN` replaces one layer's FFN module in place and keeps the
 original as ``base_layer`` (PEFT's shape); it computes the whole FFN with the host's own
-projections and activation, so with the adapters switched off it is the host FFN bit for bit.
+projections and activation (:class:`~.host.Host`), so with the adapters switched off it is the
+host FFN bit for bit. What can be decided at patch time is decided then (the host's parts and
+whether the fused ops can compute them, the gate's layout); a forward picks one computation.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from .config import MixDAConfig
 from ..core.families import FamilySpec, linear_weight
 from .. import ops
 from . import packing
-from ..ops.activations import activation_code
 from .formulations import folded_form, paper_form
+from .host import Host
 from .modules import DomainAdapter, FFNOutputBypass, GatePlan, MixDAGate, mark_hf_initialized  # noqa: F401
 
 __all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "last_index"]
@@ -48,12 +50,6 @@ def last_index(mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional
     return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
 
 
-def _plain_projection(m: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D exactly, without hooks: its forward is x W^T + b."""
-    return ((type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
-            and not m._forward_hooks and not m._forward_pre_hooks)
-
-
 class MixDAFFN(nn.Module):
     """One layer's FFN with K domain adapters in parallel with W2 and a softmax gate.
 
@@ -61,8 +57,9 @@ class MixDAFFN(nn.Module):
 
     - "fused" (default): the fused ops ``ops.ffn_in`` (first GEMM + activation) and
       ``ops.mixda_out`` (second GEMM, adapters, gate softmax and mix), compiled kernels or their
-      torch references per ``mixda_fast.set_backend``. Hosts whose activation or projections the
-      ops do not know (``activation_code``) run "folded" instead.
+      torch references per ``mixda_fast.set_backend``. Hosts the ops cannot compute exactly
+      (``Host.fusable``: an activation they do not know, another projection type, a forward
+      hook) run "folded" instead.
     - "folded": three GEMMs in torch (``formulations.folded_form``).
     - "paper": the eager paper form, every adapter on its own (``formulations.paper_form``).
 
@@ -83,8 +80,9 @@ class MixDAFFN(nn.Module):
         self.mixda_config = config
         self.formulation = "fused"
         self.adapters_enabled = True
-        up_w, _ = linear_weight(self._sub(spec.up))
-        down_w, _ = linear_weight(self._down())
+        self._host = host = Host(base_layer, spec, down_proj)
+        up_w, _ = linear_weight(host.up if host.up is not None else host.first)
+        down_w, _ = linear_weight(host.down)
         self.hidden_size, self.intermediate_size = down_w.shape[0], down_w.shape[1]
         if up_w.shape[0] != self.intermediate_size or up_w.shape[1] != self.hidden_size:
             raise ValueError(f"patch_model: layer {layer_index}: up projection {tuple(up_w.shape)} "
@@ -104,60 +102,25 @@ class MixDAFFN(nn.Module):
                               config.gate_dropout, **factory)
         self._gate_plan = GatePlan(self.gate)
 
-    # -- host parts -------------------------------------------------------------------------
-    def _sub(self, path: str) -> nn.Module:
-        return self.base_layer.get_submodule(self._spec.rel(path))
-
-    def _down(self) -> nn.Module:
-        return self.down_proj if self.down_proj is not None else self._sub(self._spec.down)
+    @property
+    def host(self) -> Host:
+        """The host FFN's parts (:class:`~.host.Host`): built at patch time, built again only
+        after one of its modules was swapped (checked here, on each use)."""
+        host = self._host
+        if not host.holds(self.base_layer, self.down_proj):
+            host = self._host = Host(self.base_layer, self._spec, self.down_proj)
+        return host
 
     def host_intermediate(self, x: torch.Tensor) -> torch.Tensor:
-        """h = act(W1 x) (gated: act(W_gate x) * W_up x), with the host's own modules."""
-        act = self._sub(self._spec.act)
-        if self._spec.gate_proj is not None:
-            return act(self._sub(self._spec.gate_proj)(x)) * self._sub(self._spec.up)(x)
-        return act(self._sub(self._spec.up)(x))
-
-    def _fused_host(self):
-        """(w1, b1, w3, b3, act code, w2, b2) in nn.Linear layout for the fused ops, or None when
-        the host is not one they can compute exactly."""
-        act = self._sub(self._spec.act)
-        code = activation_code(act)
-        if code is None or act._forward_hooks or act._forward_pre_hooks:
-            return None
-        first = self._sub(self._spec.gate_proj) if self._spec.gate_proj is not None else self._sub(self._spec.up)
-        up = self._sub(self._spec.up) if self._spec.gate_proj is not None else None
-        down = self._down()
-        if not all(_plain_projection(m) for m in (first, down) + ((up,) if up is not None else ())):
-            return None
-        w1, b1 = linear_weight(first)
-        w3, b3 = linear_weight(up) if up is not None else (None, None)
-        w2, b2 = linear_weight(down)
-        return w1, b1, w3, b3, code, w2, b2
-
-    def _fused_forward(self, x: torch.Tensor, host):
-        """(y, f), both (B, T, D), through ops.ffn_in and ops.mixda_out."""
-        w1, b1, w3, b3, code, w2, b2 = host
-        B, T, d = x.shape
-        x2 = x.reshape(B * T, d)                                 # (N, d)
-        h2, _ = ops.ffn_in(x2, w1, b1, w3, b3, code)             # (N, F)
-        h = h2.view(B, T, h2.shape[1])
-        intermediate = self.mixda_config.adapter_input == "intermediate"
-        logits = self.gate_logits(h if intermediate else x)      # (B, E) or (B, T, E)
-        ads = list(self.adapters.values())
-        y2, p = ops.mixda_out(h2, h2 if intermediate else x2, w2, b2,
-                              [a.down.weight for a in ads], [a.down.bias for a in ads],
-                              [a.up.weight for a in ads], [a.up.bias for a in ads],
-                              logits.reshape(-1, logits.shape[-1]))
-        D = y2.shape[1]
-        return y2.view(B, T, D), p[:, :D].view(B, T, D)
+        """h (B, T, F) = act(W1 x) (gated: act(W_gate x) * W_up x), with the host's own modules."""
+        return self.host.intermediate(x)
 
     # -- packed weights (packing.py) ---------------------------------------------------------
     def _pack_members(self, host: bool) -> tuple[list, list]:
         """The K adapters' down-projection weights and biases, preceded by the host's W2 and b2
         when ``host`` and the kernel can use them (adapters reading h)."""
         ads = list(self.adapters.values())
-        down = self._down() if host and self.mixda_config.adapter_input == "intermediate" else None
+        down = self.host.down if host and self.mixda_config.adapter_input == "intermediate" else None
         return packing.members([a.down.weight for a in ads], [a.down.bias for a in ads], down)
 
     def adapters_packed(self, host: bool = False) -> bool:
@@ -176,7 +139,14 @@ class MixDAFFN(nn.Module):
 
     def pack_for_forward(self) -> bool:
         """:meth:`pack_adapters`, with W2 and b2 when the fused forward computes this host."""
-        return self.pack_adapters(host=self._fused_host() is not None)
+        return self.pack_adapters(host=self.host.fusable())
+
+    def release_host_weights(self) -> None:
+        """Give the host's W2 and b2 storage of their own again (same values), so the unpatched
+        model keeps no buffer of ours alive."""
+        down = self.host.down
+        if type(down) is nn.Linear:
+            packing.release([down.weight, down.bias])
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)          # .to() / .half() / .cuda() replace the parameters' storage
@@ -185,18 +155,9 @@ class MixDAFFN(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)          # copy.deepcopy gives each parameter storage of its own
-        self._gate_plan = GatePlan(self.gate)                            # (also for older pickles)
+        self._host = Host(self.base_layer, self._spec, self.down_proj)   # (also for older pickles)
+        self._gate_plan = GatePlan(self.gate)
         self.pack_for_forward()
-
-    def release_host_weights(self) -> None:
-        """Give the host's W2 and b2 storage of their own again (same values), so the unpatched
-        model keeps no buffer of ours alive."""
-        down = self._down()
-        if type(down) is nn.Linear:
-            packing.release([down.weight, down.bias])
-
-    def _post(self, y: torch.Tensor) -> torch.Tensor:
-        return self._sub(self._spec.post)(y) if self._spec.post else y
 
     # -- gate -------------------------------------------------------------------------------
     def _fused_gate_params(self) -> Optional[tuple[list, list, float]]:
@@ -238,39 +199,71 @@ class MixDAFFN(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (B, T, D) for x (B, T, D) (or (T, D)): one computation, then, once, the
+        old-knowledge capture (:meth:`_collect`) and the host's post-W2 module."""
         squeeze = x.dim() == 2                                   # (T, D) inputs from odd callers
         if squeeze:
             x = x.unsqueeze(0)
-        y = self._post(self._output(x))
-        return y.squeeze(0) if squeeze else y
-
-    def _output(self, x: torch.Tensor) -> torch.Tensor:
-        """y (B, T, D) before the host's post-FFN module. When the call collects the
-        old-knowledge pairs (:class:`~mixda_fast.core.call_state.Frame`), (y, f) is appended: the output
-        and the same input's output with the adapters off."""
         if not torch.compiler.is_compiling():           # never compute over a stray meta parameter
             ops.check_devices("MixDAFFN", x=x, **dict(self.named_parameters()))
-        if x.shape[0] == 0 or x.shape[1] == 0:                   # no tokens: nothing for a gate to read
-            y = self._down()(self.host_intermediate(x))
-            return self._collect(y, y if self.adapters_enabled else None)
-        host = self._fused_host() if self.adapters_enabled and self.formulation == "fused" else None
-        if host is not None:
-            return self._collect(*self._fused_forward(x, host))
-        h = self.host_intermediate(x)                            # (B, T, F)
-        down = self._down()
+        host = self.host
         if not self.adapters_enabled:
-            return self._collect(down(h), None)
+            compute = self._host_ffn
+        elif x.shape[0] == 0 or x.shape[1] == 0:                 # no tokens: nothing for a gate to read
+            compute = self._no_tokens
+        elif self.formulation == "fused" and host.fusable():
+            compute = self._fused
+        else:
+            compute = self._paper if self.formulation == "paper" else self._folded
+        y = host.post(self._collect(*compute(x, host)))
+        return y.squeeze(0) if squeeze else y
+
+    # Each computation: x (B, T, D) -> (y, f), both (B, T, D) before the post module; f is the
+    # output with the adapters off (the old-knowledge target), None where nothing is captured.
+    def _host_ffn(self, x, host):
+        return host.down(host.intermediate(x)), None
+
+    def _no_tokens(self, x, host):
+        y = host.down(host.intermediate(x))
+        return y, y
+
+    def _fused(self, x, host):
+        """Through ``ops.ffn_in`` and ``ops.mixda_out``."""
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)                                 # (N, D)
+        h2 = host.fused_intermediate(x2)                         # (N, F)
+        h = h2.view(B, T, h2.shape[1])
+        intermediate = self.mixda_config.adapter_input == "intermediate"
+        logits = self.gate_logits(h if intermediate else x)      # (B, E) or (B, T, E)
+        ads = list(self.adapters.values())
+        w2, b2 = linear_weight(host.down)
+        y2, p = ops.mixda_out(h2, h2 if intermediate else x2, w2, b2,
+                              [a.down.weight for a in ads], [a.down.bias for a in ads],
+                              [a.up.weight for a in ads], [a.up.bias for a in ads],
+                              logits.reshape(-1, logits.shape[-1]))
+        D = y2.shape[1]
+        return y2.view(B, T, D), p[:, :D].view(B, T, D)
+
+    def _mix_inputs(self, x, host):
+        """(h (B, T, F), adapter input z, gate logits) for the torch formulations."""
+        h = host.intermediate(x)
         z = h if self.mixda_config.adapter_input == "intermediate" else x
-        logits = self.gate_logits(z)
-        params = self.stacked_adapter_params()
-        mixing = self.mixda_config.mixing
-        if self.formulation == "paper":
-            f = down(h)
-            return self._collect(paper_form(z, f, *params, logits, mixing), f)
-        w2, b2 = linear_weight(down)
-        return self._collect(*folded_form(z, h, w2, b2, *params, logits, mixing, return_f=True))
+        return h, z, self.gate_logits(z)
+
+    def _folded(self, x, host):
+        h, z, logits = self._mix_inputs(x, host)
+        w2, b2 = linear_weight(host.down)
+        return folded_form(z, h, w2, b2, *self.stacked_adapter_params(), logits, self.mixda_config.mixing,
+                           return_f=True)
+
+    def _paper(self, x, host):
+        h, z, logits = self._mix_inputs(x, host)
+        f = host.down(h)
+        return paper_form(z, f, *self.stacked_adapter_params(), logits, self.mixda_config.mixing), f
 
     def _collect(self, y: torch.Tensor, f: Optional[torch.Tensor]) -> torch.Tensor:
+        """Append (y, f) when the call collects old-knowledge pairs
+        (:class:`~mixda_fast.core.call_state.Frame`); stop the forward after the last layer needed."""
         frame = self._calls.current()
         if frame is not None and frame.captures is not None:
             if f is not None:
