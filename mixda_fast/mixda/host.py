@@ -60,6 +60,15 @@ class Host:
         paths = (spec.up, spec.act, spec.gate_proj, spec.post, None if down_proj is not None else spec.down)
         self._links = _links(base_layer, [spec.rel(p) for p in paths if p])
 
+    def sizes(self, layer_index: int) -> tuple[int, int]:
+        """(D, F) from W2 (D, F); a ValueError when the up projection (F, D) does not fit it."""
+        up_w, _ = linear_weight(self.up if self.up is not None else self.first)
+        down_w, _ = linear_weight(self.down)
+        if up_w.shape[0] != down_w.shape[1] or up_w.shape[1] != down_w.shape[0]:
+            raise ValueError(f"patch_model: layer {layer_index}: up projection {tuple(up_w.shape)} "
+                             f"does not fit down projection {tuple(down_w.shape)}")
+        return down_w.shape[0], down_w.shape[1]
+
     def holds(self, base_layer: nn.Module, down_proj: Optional[nn.Module]) -> bool:
         """Whether this Host still describes the layer's host: the same ``base_layer`` and
         ``down_proj``, and the same module at each path (a user may swap one after patching)."""

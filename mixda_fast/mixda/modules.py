@@ -1,11 +1,14 @@
 """The MixDA layer's small modules: domain adapters, the gate, BERT's output bypass.
 
-:class:`~mixda_fast.mixda.layer.MixDAFFN` builds them; :class:`GatePlan` decides once whether
-``ops.gate_mlp`` can compute a gate (DESIGN.md section 1).
+:class:`~mixda_fast.mixda.layer.MixDAFFN` builds them. For the gate: :class:`GatePlan` decides
+once whether ``ops.gate_mlp`` can compute it, :func:`run_gate` runs it, and :func:`last_token`
+picks the sequence gate's input (DESIGN.md section 1).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import Optional
 
@@ -13,8 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+
 __all__ = ["DomainAdapter", "MixDAGate", "GatePlan", "FFNOutputBypass", "mark_hf_initialized",
-           "hooked"]
+           "hooked", "run_gate", "last_index", "last_token"]
+
+logger = logging.getLogger(__package__ + ".layer")   # the name this warning had in layer.py
 
 
 def mark_hf_initialized(module: nn.Module) -> None:
@@ -107,6 +114,44 @@ class GatePlan:
         if len(ps) != 1 or not 0 <= next(iter(ps)) < 1 or any(b is None for b in bs):
             return None
         return [m.weight for m in linears], bs, ps.pop()
+
+
+def run_gate(gate: nn.Module, params: Optional[tuple], z: torch.Tensor) -> torch.Tensor:
+    """Logits (..., E) of ``gate`` for z (..., Din): one ``ops.gate_mlp`` with ``params``
+    (:meth:`GatePlan.params`), or the eager gate for None. Dropout in the op needs the kernels:
+    the reference's counter-based masks are slow, and the eager gate's nn.Dropout is faster."""
+    if params is None or (params[2] > 0 and not ops.runs_kernels_for(z)):
+        return gate(z)
+    ws, bs, p = params
+    logits = ops.gate_mlp(z.reshape(-1, z.shape[-1]), ws, bs, p)
+    return logits.view(*z.shape[:-1], ws[-1].shape[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unfit_mask(shape: tuple, B: int, T: int) -> None:
+    """Logged once per shape."""
+    logger.warning("mixda_fast: attention mask of shape %s does not fit hidden states (B=%d, T=%d); "
+                   "the sequence gate reads the last position", shape, B, T)
+
+
+def last_index(mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
+    """Index of each sequence's last non-padding token among the current T positions, from the
+    call's (B, L) attention mask (1 = real token; L >= T with a KV cache), or None (use position
+    T - 1) when no usable 2-D mask is known."""
+    if mask is None:
+        return None
+    if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T:
+        _warn_unfit_mask(tuple(mask.shape), B, T)
+        return None
+    m = mask[:, -T:].to(device=device) != 0                   # (B, T)
+    return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
+
+
+def last_token(z: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, Din): z (B, T, Din) at each sequence's last non-padding token (:func:`last_index`)."""
+    B, T = z.shape[:2]
+    idx = last_index(mask, B, T, z.device)
+    return z[:, -1] if idx is None else z[torch.arange(B, device=z.device), idx]
 
 
 class FFNOutputBypass(nn.Module):
