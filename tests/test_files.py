@@ -262,7 +262,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, mode, monkeypat
 
 _KILLED_WRITER = """
 import sys, time
-from mixda_fast.io import write_atomic
+from mixda_fast.core.io import write_atomic
 def write(f):
     f.write(b"x" * 4096); f.flush()
     print("writing", flush=True)
