@@ -243,7 +243,8 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
     gy = torch.randn(batch, seq, d, dtype=dt)                           # upstream gradient
 
     def plain_fwd(x):
-        return layer._post(layer._down()(layer.host_intermediate(x)))
+        host = layer.host
+        return host.post(host.down(host.intermediate(x)))
 
     def step(fwd: Callable[[torch.Tensor], torch.Tensor], backend: str, form: Optional[str]):
         def fn():

@@ -1,146 +1,39 @@
 """The patched feed-forward network: host FFN + K domain adapters + softmax gate (MixDA).
 
 docs/design.md section 1. :class:`MixDAFFN` replaces one layer's FFN module in place and keeps the
-original as ``base_layer`` (PEFT's shape); it computes the whole FFN with the host's own
-projections and activation, so with the adapters switched off it is the host FFN bit for bit.
+original as ``base_layer`` (PEFT's shape). It computes the whole FFN with the host's own modules
+(:class:`~.host.Host`, looked up at patch time), so with the adapters off it is the host FFN bit
+for bit; a forward picks one computation and runs the shared epilogue once.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.call_state import CallState, StopForward
 from .config import MixDAConfig
 from ..core.families import FamilySpec, linear_weight
 from .. import ops
-from ..ops.activations import activation_code
+from . import packing
 from .formulations import folded_form, paper_form
+from .host import Host
+from .modules import (DomainAdapter, FFNOutputBypass, GatePlan, MixDAGate, last_index,  # noqa: F401
+                      last_token, mark_hf_initialized, run_gate)
 
 __all__ = ["DomainAdapter", "MixDAGate", "MixDAFFN", "FFNOutputBypass", "last_index"]
-
-logger = logging.getLogger(__name__)
-
-
-def mark_hf_initialized(module: nn.Module) -> None:
-    """Flag every submodule and parameter as initialised, so a later HuggingFace
-    ``initialize_weights()`` / ``post_init()`` (which re-inits unflagged modules one by one) leaves
-    them alone: the released MixDA code lost its zero up-projection that way."""
-    for m in module.modules():
-        m._is_hf_initialized = True
-    for p in module.parameters():
-        p._is_hf_initialized = True
-
-
-class DomainAdapter(nn.Module):
-    """a = Wup GELU(Wdown z + bdown) + bup (Houlsby-style bottleneck, no residual of its own)."""
-
-    def __init__(self, in_features: int, bottleneck: int, out_features: int, init: str,
-                 device=None, dtype=None):
-        super().__init__()
-        self.down = nn.Linear(in_features, bottleneck, device=device, dtype=dtype)
-        self.up = nn.Linear(bottleneck, out_features, device=device, dtype=dtype)
-        self.reset_parameters(init)
-        mark_hf_initialized(self)  # HF's init must not overwrite the zero up-projection
-
-    @torch.no_grad()
-    def reset_parameters(self, init: str) -> None:
-        if init == "zero_up":
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.up.weight)
-        else:  # "normal"
-            nn.init.normal_(self.down.weight, std=0.02)
-            nn.init.normal_(self.up.weight, std=0.02)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.up(F.gelu(self.down(z)))
-
-
-class MixDAGate(nn.Sequential):
-    """Dropout -> Linear(in, H) -> [ReLU -> Dropout -> Linear(H, H)] x (n-2) -> ReLU -> Dropout
-    -> Linear(H, E): the released code's 4-Linear, width-768 gate for n = 4."""
-
-    is_gate = True          # its own learning rate in MixDATrainer (core.model.gate_parameters)
-
-    def __init__(self, in_features: int, num_experts: int, hidden: int, num_linear: int,
-                 dropout: float, device=None, dtype=None):
-        mods: list[nn.Module] = []
-        width = in_features
-        for i in range(num_linear):
-            if i > 0:
-                mods.append(nn.ReLU())
-            mods.append(nn.Dropout(dropout))
-            out = num_experts if i == num_linear - 1 else hidden
-            mods.append(nn.Linear(width, out, device=device, dtype=dtype))
-            width = out
-        super().__init__(*mods)
-        mark_hf_initialized(self)
-
-
-@functools.lru_cache(maxsize=64)
-def _warn_unfit_mask(shape: tuple, B: int, T: int) -> None:
-    """Logged once per shape."""
-    logger.warning("mixda_fast: attention mask of shape %s does not fit hidden states (B=%d, T=%d); "
-                   "the sequence gate reads the last position", shape, B, T)
-
-
-def last_index(mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
-    """Index of each sequence's last non-padding token among the current T positions, from the
-    call's (B, L) attention mask (1 = real token; L >= T with a KV cache), or None (use position
-    T - 1) when no usable 2-D mask is known."""
-    if mask is None:
-        return None
-    if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T:
-        _warn_unfit_mask(tuple(mask.shape), B, T)
-        return None
-    m = mask[:, -T:].to(device=device) != 0                   # (B, T)
-    return (T - 1) - m.flip(-1).int().argmax(-1)               # last True; T-1 when none
-
-
-class FFNOutputBypass(nn.Module):
-    """Sits where the host's second projection was when that projection lives outside the FFN
-    module (BERT's ``output.dense``): the patched FFN already applied it."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
-
-
-def _packable(params: list) -> bool:
-    """Plain Parameters (no tensor subclass; CPU or CUDA storage; not inference tensors, which
-    cannot become views) of one trailing shape, dtype and device."""
-    p0 = params[0]
-    return all(type(p) is nn.Parameter and p.layout == torch.strided and p.device.type in ("cpu", "cuda")
-               and not p.is_inference() and p.dim() == p0.dim()
-               and p.shape[1:] == p0.shape[1:] and p.dtype == p0.dtype and p.device == p0.device
-               for p in params)
-
-
-def _plain_projection(m: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D exactly, without hooks: its forward is x W^T + b."""
-    return ((type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
-            and not m._forward_hooks and not m._forward_pre_hooks)
 
 
 class MixDAFFN(nn.Module):
     """One layer's FFN with K domain adapters in parallel with W2 and a softmax gate.
 
-    ``formulation`` picks how it is computed; all give the same result:
-
-    - "fused" (default): the fused ops ``ops.ffn_in`` (first GEMM + activation) and
-      ``ops.mixda_out`` (second GEMM, adapters, gate softmax and mix), compiled kernels or their
-      torch references per ``mixda_fast.set_backend``. Hosts whose activation or projections the
-      ops do not know (``activation_code``) run "folded" instead.
-    - "folded": three GEMMs in torch (``formulations.folded_form``).
-    - "paper": the eager paper form, every adapter on its own (``formulations.paper_form``).
-
+    ``formulation`` picks how it is computed, all with the same result: "fused" (default) runs
+    ``ops.ffn_in`` (first GEMM + activation) and ``ops.mixda_out`` (second GEMM, adapters, gate
+    softmax and mix), kernels or torch references per ``mixda_fast.set_backend``, and "folded"
+    where they cannot compute the host exactly (``Host.fusable``); "folded" is three torch GEMMs
+    (``formulations.folded_form``); "paper" the eager paper form (``formulations.paper_form``).
     ``adapters_enabled = False`` makes the module the host FFN exactly.
     """
 
@@ -150,20 +43,15 @@ class MixDAFFN(nn.Module):
                  down_proj: Optional[nn.Module], calls: CallState, layer_index: int):
         super().__init__()
         self.base_layer = base_layer
-        # The second projection lives inside base_layer for GPT-2/Llama; for BERT it is moved here.
-        self.down_proj = down_proj
+        self.down_proj = down_proj           # BERT's second projection, moved here; else in base_layer
         self._spec = spec
         self._calls = calls                  # per-call state: attention mask, old-knowledge captures
         self.layer_index = layer_index
         self.mixda_config = config
         self.formulation = "fused"
         self.adapters_enabled = True
-        up_w, _ = linear_weight(self._sub(spec.up))
-        down_w, _ = linear_weight(self._down())
-        self.hidden_size, self.intermediate_size = down_w.shape[0], down_w.shape[1]
-        if up_w.shape[0] != self.intermediate_size or up_w.shape[1] != self.hidden_size:
-            raise ValueError(f"patch_model: layer {layer_index}: up projection {tuple(up_w.shape)} "
-                             f"does not fit down projection {tuple(down_w.shape)}")
+        self._host = Host(base_layer, spec, down_proj)
+        self.hidden_size, self.intermediate_size = self._host.sizes(layer_index)
         z_width = self.intermediate_size if config.adapter_input == "intermediate" else self.hidden_size
         self.bottleneck = self.intermediate_size // config.reduction_factor
         if self.bottleneck < 1:
@@ -171,118 +59,52 @@ class MixDAFFN(nn.Module):
                 f"MixDAConfig.reduction_factor={config.reduction_factor} is not accepted for this model: "
                 f"the bottleneck intermediate_size // reduction_factor = {self.intermediate_size} // "
                 f"{config.reduction_factor} = 0; use a reduction_factor <= {self.intermediate_size}")
-        factory = dict(device=down_w.device, dtype=down_w.dtype)
+        factory = dict(device=self._host.down.weight.device, dtype=self._host.down.weight.dtype)
         self.adapters = nn.ModuleDict({
             name: DomainAdapter(z_width, self.bottleneck, self.hidden_size, config.adapter_init, **factory)
             for name in config.domains})
         self.gate = MixDAGate(z_width, config.gate_width, config.gate_hidden, config.gate_layers,
                               config.gate_dropout, **factory)
+        self._gate_plan = GatePlan(self.gate)
 
-    # -- host parts -------------------------------------------------------------------------
-    def _sub(self, path: str) -> nn.Module:
-        return self.base_layer.get_submodule(self._spec.rel(path))
-
-    def _down(self) -> nn.Module:
-        return self.down_proj if self.down_proj is not None else self._sub(self._spec.down)
+    @property
+    def host(self) -> Host:
+        """The host FFN's parts (:class:`~.host.Host`), built again after a module was swapped."""
+        host = self._host
+        if not host.holds(self.base_layer, self.down_proj):
+            host = self._host = Host(self.base_layer, self._spec, self.down_proj)
+        return host
 
     def host_intermediate(self, x: torch.Tensor) -> torch.Tensor:
-        """h = act(W1 x) (gated: act(W_gate x) * W_up x), with the host's own modules."""
-        act = self._sub(self._spec.act)
-        if self._spec.gate_proj is not None:
-            return act(self._sub(self._spec.gate_proj)(x)) * self._sub(self._spec.up)(x)
-        return act(self._sub(self._spec.up)(x))
+        """h (B, T, F) = act(W1 x) (gated: act(W_gate x) * W_up x), with the host's own modules."""
+        return self.host.intermediate(x)
 
-    def _fused_host(self):
-        """(w1, b1, w3, b3, act code, w2, b2) in nn.Linear layout for the fused ops, or None when
-        the host is not one they can compute exactly."""
-        act = self._sub(self._spec.act)
-        code = activation_code(act)
-        if code is None or act._forward_hooks or act._forward_pre_hooks:
-            return None
-        first = self._sub(self._spec.gate_proj) if self._spec.gate_proj is not None else self._sub(self._spec.up)
-        up = self._sub(self._spec.up) if self._spec.gate_proj is not None else None
-        down = self._down()
-        if not all(_plain_projection(m) for m in (first, down) + ((up,) if up is not None else ())):
-            return None
-        w1, b1 = linear_weight(first)
-        w3, b3 = linear_weight(up) if up is not None else (None, None)
-        w2, b2 = linear_weight(down)
-        return w1, b1, w3, b3, code, w2, b2
-
-    def _fused_forward(self, x: torch.Tensor, host):
-        """(y, f), both (B, T, D), through ops.ffn_in and ops.mixda_out."""
-        w1, b1, w3, b3, code, w2, b2 = host
-        B, T, d = x.shape
-        x2 = x.reshape(B * T, d)                                 # (N, d)
-        h2, _ = ops.ffn_in(x2, w1, b1, w3, b3, code)             # (N, F)
-        h = h2.view(B, T, h2.shape[1])
-        intermediate = self.mixda_config.adapter_input == "intermediate"
-        logits = self.gate_logits(h if intermediate else x)      # (B, E) or (B, T, E)
-        ads = list(self.adapters.values())
-        y2, p = ops.mixda_out(h2, h2 if intermediate else x2, w2, b2,
-                              [a.down.weight for a in ads], [a.down.bias for a in ads],
-                              [a.up.weight for a in ads], [a.up.bias for a in ads],
-                              logits.reshape(-1, logits.shape[-1]))
-        D = y2.shape[1]
-        return y2.view(B, T, D), p[:, :D].view(B, T, D)
-
-    # -- packed weights -------------------------------------------------------------------------
+    # -- packed weights (packing.py) ---------------------------------------------------------
     def _pack_members(self, host: bool) -> tuple[list, list]:
-        """The parameters packed together: the K down-projection weights and biases, preceded by
-        the host's W2 and b2 when ``host`` and the kernel can use them (adapters reading h, an
-        ``nn.Linear`` second projection with a bias)."""
+        """The K adapters' down weights and biases; with ``host``, W2 and b2 first where usable."""
         ads = list(self.adapters.values())
-        ws, bs = [a.down.weight for a in ads], [a.down.bias for a in ads]
-        down = self._down()
-        if (host and self.mixda_config.adapter_input == "intermediate" and type(down) is nn.Linear
-                and down.bias is not None and _packable([down.weight] + ws) and _packable([down.bias] + bs)):
-            return [down.weight] + ws, [down.bias] + bs
-        return ws, bs
+        down = self.host.down if host and self.mixda_config.adapter_input == "intermediate" else None
+        return packing.members([a.down.weight for a in ads], [a.down.bias for a in ads], down)
 
     def adapters_packed(self, host: bool = False) -> bool:
-        """True when the K adapters' down-projection weights and biases (with ``host``, preceded
-        by W2 and b2 where :meth:`pack_adapters` packs them) each lie back to back in one buffer:
-        the layout the fused kernel runs as a single GEMM."""
-        ws, bs = self._pack_members(host)
-        return ops.packed_rows(ws) is not None and ops.packed_rows(bs) is not None
+        """Whether :meth:`pack_adapters` ``(host)``'s parameters lie back to back in one buffer."""
+        return packing.is_packed(*self._pack_members(host))
 
-    @torch.no_grad()
     def pack_adapters(self, host: bool = False) -> bool:
-        """Lay the K adapters' down-projection weights (r, Din) and biases (r,) out back to back
-        in one buffer each and make the parameters views of it, as ``nn.LSTM.flatten_parameters()``
-        does: ``h @ [Wdown_1 .. Wdown_K]^T`` is then one GEMM, with nothing copied per call. With
-        ``host`` (the fused forward asks for it), the host's W2 (D, F) and b2 go first, so that
-        ``h @ [W2 | Wdown_1 .. Wdown_K]^T`` is one GEMM: BERT-style hosts (an ``nn.Linear`` with a
-        bias) with the adapters reading h. Their values never change; :meth:`release_host_weights`
-        (``unpatch_model`` calls it) gives them storage of their own again.
-
-        ``patch_model`` packs (:meth:`pack_for_forward`), and so does ``.to()`` / ``.half()``
-        (``_apply``); the forward never does, so a patched model can serve several threads at
-        once. In-place updates (optimizer steps, ``.data`` writes, ``load_state_dict``) write into
-        the buffer, so it is never stale. A parameter replaced otherwise (a new Parameter or
-        module, ``load_state_dict(assign=True)``) is no longer a view of it: the kernel checks the
-        layout on every call and runs the unpacked GEMMs, exactly as correct (call
-        :meth:`pack_for_forward` to pack again). Values, Parameter objects (so optimizer state),
-        ``requires_grad`` and flags are kept. Returns whether the parameters are packed (never for
-        inference tensors, e.g. a model patched under ``torch.inference_mode``)."""
-        ws, bs = self._pack_members(host)
-        if len(ws) < 2 or not (_packable(ws) and _packable(bs)):
-            return False
-        if self.adapters_packed(host):
-            return True
-        with torch.inference_mode(False):              # plain tensors, usable by autograd later
-            for params in (ws, bs):
-                flat = torch.cat([p.detach() for p in params])      # (D + K r, F) / (K r, Din), or 1-d
-                start = 0
-                for p in params:
-                    p.data = flat[start:start + p.shape[0]]
-                    start += p.shape[0]
-        return True
+        """Make the K adapters' down weights and biases (with ``host``: W2 and b2 first) views of one
+        buffer each, for one GEMM (``packing``); returns whether they are. ``patch_model``, ``.to()``
+        and deepcopy pack, a forward never does (threads may share a model)."""
+        return packing.pack(*self._pack_members(host))
 
     def pack_for_forward(self) -> bool:
-        """:meth:`pack_adapters` with the host's W2 and b2 when the fused forward computes this
-        host (``_fused_host``), without them otherwise."""
-        return self.pack_adapters(host=self._fused_host() is not None)
+        """:meth:`pack_adapters`, with W2 and b2 when the fused forward computes this host."""
+        return self.pack_adapters(host=self.host.fusable())
+
+    def release_host_weights(self) -> None:
+        """Give W2 and b2 storage of their own again: the unpatched model keeps no buffer of ours."""
+        down = self.host.down
+        if type(down) is nn.Linear:
+            packing.release([down.weight, down.bias])
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)          # .to() / .half() / .cuda() replace the parameters' storage
@@ -291,65 +113,26 @@ class MixDAFFN(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)          # copy.deepcopy gives each parameter storage of its own
+        self._host = Host(self.base_layer, self._spec, self.down_proj)   # (also for older pickles)
+        self._gate_plan = GatePlan(self.gate)
         self.pack_for_forward()
-
-    @torch.no_grad()
-    def release_host_weights(self) -> None:
-        """Give the host's W2 and b2 storage of their own again when they share one (after
-        :meth:`pack_adapters` packed them with the adapters): same values, and the unpatched
-        model keeps no buffer of ours alive."""
-        down = self._down()
-        if type(down) is not nn.Linear:
-            return
-        for p in (down.weight, down.bias):
-            if (p is not None and p.device.type in ("cpu", "cuda") and not p.is_inference()
-                    and p.untyped_storage().nbytes() > p.numel() * p.element_size()):
-                with torch.inference_mode(False):
-                    p.data = p.data.clone()
-
-    def _post(self, y: torch.Tensor) -> torch.Tensor:
-        return self._sub(self._spec.post)(y) if self._spec.post else y
 
     # -- gate -------------------------------------------------------------------------------
     def _fused_gate_params(self) -> Optional[tuple[list, list, float]]:
-        """(weights, biases, dropout p) for ``ops.gate_mlp`` when the fused formulation may run
-        the gate as one op: a MixDAGate of the layout it builds (Dropout before every Linear,
-        ReLU between), unhooked, its dropouts all inactive (eval mode or p = 0) or all active
-        with one p."""
-        gate = self.gate
-        if self.formulation != "fused" or type(gate) is not MixDAGate or gate._forward_hooks or gate._forward_pre_hooks:
+        """(weights, biases, dropout p) where the fused formulation runs the gate as one op
+        (``GatePlan.params``), else None. The plan is made again only after a gate module swap."""
+        if self.formulation != "fused":
             return None
-        mods = list(gate)
-        L = sum(type(m) is nn.Linear for m in mods)
-        layout = [t for i in range(L) for t in ((nn.ReLU,) if i else ()) + (nn.Dropout, nn.Linear)]
-        if [type(m) for m in mods] != layout or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
-            return None
-        ws = [m.weight for m in mods if type(m) is nn.Linear]
-        bs = [m.bias for m in mods if type(m) is nn.Linear]
-        ps = {m.p if m.training else 0.0 for m in mods if type(m) is nn.Dropout}
-        if len(ps) != 1 or not 0 <= next(iter(ps)) < 1 or any(b is None for b in bs):
-            return None                                  # (nn.Dropout takes p = 1, the op does not)
-        return ws, bs, ps.pop()
-
-    def _gate(self, z: torch.Tensor) -> torch.Tensor:
-        params = self._fused_gate_params()
-        # Dropout in the op needs the kernels: the reference's counter-based masks are slow,
-        # and the eager gate's nn.Dropout is the faster fallback.
-        if params is None or (params[2] > 0 and not ops.runs_kernels_for(z)):
-            return self.gate(z)
-        ws, bs, p = params
-        logits = ops.gate_mlp(z.reshape(-1, z.shape[-1]), ws, bs, p)
-        return logits.view(*z.shape[:-1], ws[-1].shape[0])
+        if not self._gate_plan.holds(self.gate):
+            self._gate_plan = GatePlan(self.gate)
+        return self._gate_plan.params()
 
     def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, E) per sequence from the last non-padding token, or (B, T, E) per token."""
-        if self.mixda_config.gate == "token":
-            return self._gate(z)
-        B, T = z.shape[:2]
-        frame = None if self.mixda_config.paper_gate_bug else self._calls.current(strict=True)
-        idx = None if frame is None else last_index(frame.mask, B, T, z.device)
-        zl = z[:, -1] if idx is None else z[torch.arange(B, device=z.device), idx]   # (B, Din)
-        return self._gate(zl)
+        if self.mixda_config.gate != "token":
+            frame = None if self.mixda_config.paper_gate_bug else self._calls.current(strict=True)
+            z = last_token(z, None if frame is None else frame.mask)          # (B, Din)
+        return run_gate(self.gate, self._fused_gate_params(), z)
 
     def stacked_adapter_params(self):
         """(down_w (K, r, Din), down_b (K, r), up_w (K, D, r), up_b (K, D)) in domain order."""
@@ -359,39 +142,64 @@ class MixDAFFN(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (B, T, D) for x (B, T, D) or (T, D): one computation, then :meth:`_collect` and post."""
         squeeze = x.dim() == 2                                   # (T, D) inputs from odd callers
         if squeeze:
             x = x.unsqueeze(0)
-        y = self._post(self._output(x))
-        return y.squeeze(0) if squeeze else y
-
-    def _output(self, x: torch.Tensor) -> torch.Tensor:
-        """y (B, T, D) before the host's post-FFN module. When the call collects the
-        old-knowledge pairs (:class:`~mixda_fast.core.call_state.Frame`), (y, f) is appended: the output
-        and the same input's output with the adapters off."""
         if not torch.compiler.is_compiling():           # never compute over a stray meta parameter
             ops.check_devices("MixDAFFN", x=x, **dict(self.named_parameters()))
-        if x.shape[0] == 0 or x.shape[1] == 0:                   # no tokens: nothing for a gate to read
-            y = self._down()(self.host_intermediate(x))
-            return self._collect(y, y if self.adapters_enabled else None)
-        host = self._fused_host() if self.adapters_enabled and self.formulation == "fused" else None
-        if host is not None:
-            return self._collect(*self._fused_forward(x, host))
-        h = self.host_intermediate(x)                            # (B, T, F)
-        down = self._down()
-        if not self.adapters_enabled:
-            return self._collect(down(h), None)
+        host = self.host
+        if not self.adapters_enabled or x.shape[0] == 0 or x.shape[1] == 0:   # no tokens: no gate input
+            compute = self._host_ffn
+        elif self.formulation == "fused" and host.fusable():
+            compute = self._fused
+        else:
+            compute = self._paper if self.formulation == "paper" else self._folded
+        y = host.post(self._collect(*compute(x, host)))
+        return y.squeeze(0) if squeeze else y
+
+    # Each computation: x (B, T, D) -> (y, f), both (B, T, D) before the post module; f is the
+    # output with the adapters off (the old-knowledge target), None where nothing is captured.
+    def _host_ffn(self, x, host):
+        y = host.down(host.intermediate(x))
+        return y, (y if self.adapters_enabled else None)
+
+    def _fused(self, x, host):
+        """Through ``ops.ffn_in`` and ``ops.mixda_out``."""
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)                                 # (N, D)
+        h2 = host.fused_intermediate(x2)                         # (N, F)
+        h = h2.view(B, T, h2.shape[1])
+        intermediate = self.mixda_config.adapter_input == "intermediate"
+        logits = self.gate_logits(h if intermediate else x)      # (B, E) or (B, T, E)
+        ads = list(self.adapters.values())
+        w2, b2 = linear_weight(host.down)
+        y2, p = ops.mixda_out(h2, h2 if intermediate else x2, w2, b2,
+                              [a.down.weight for a in ads], [a.down.bias for a in ads],
+                              [a.up.weight for a in ads], [a.up.bias for a in ads],
+                              logits.reshape(-1, logits.shape[-1]))
+        D = y2.shape[1]
+        return y2.view(B, T, D), p[:, :D].view(B, T, D)
+
+    def _mix_inputs(self, x, host):
+        """(h (B, T, F), adapter input z, gate logits) for the torch formulations."""
+        h = host.intermediate(x)
         z = h if self.mixda_config.adapter_input == "intermediate" else x
-        logits = self.gate_logits(z)
-        params = self.stacked_adapter_params()
-        mixing = self.mixda_config.mixing
-        if self.formulation == "paper":
-            f = down(h)
-            return self._collect(paper_form(z, f, *params, logits, mixing), f)
-        w2, b2 = linear_weight(down)
-        return self._collect(*folded_form(z, h, w2, b2, *params, logits, mixing, return_f=True))
+        return h, z, self.gate_logits(z)
+
+    def _folded(self, x, host):
+        h, z, logits = self._mix_inputs(x, host)
+        w2, b2 = linear_weight(host.down)
+        return folded_form(z, h, w2, b2, *self.stacked_adapter_params(), logits, self.mixda_config.mixing,
+                           return_f=True)
+
+    def _paper(self, x, host):
+        h, z, logits = self._mix_inputs(x, host)
+        f = host.down(h)
+        return paper_form(z, f, *self.stacked_adapter_params(), logits, self.mixda_config.mixing), f
 
     def _collect(self, y: torch.Tensor, f: Optional[torch.Tensor]) -> torch.Tensor:
+        """Append (y, f) where the call collects old-knowledge pairs; stop after the last layer needed."""
         frame = self._calls.current()
         if frame is not None and frame.captures is not None:
             if f is not None:

@@ -68,9 +68,9 @@ def test_in_place_changes_are_seen(mode, dtype, family):
         lambda: ad.up.weight.data.mul_(-2.0),
         lambda: ad.up.bias.data.add_(1.0),
         lambda: ad.down.bias.data.add_(0.25),
-        lambda: layer._down().weight.data.mul_(1.5),           # host W2
-        lambda: layer._down().bias.data.add_(0.5) if layer._down().bias is not None else None,
-        lambda: layer._sub(layer._spec.up).weight.data.add_(0.1),   # host W_up
+        lambda: layer.host.down.weight.data.mul_(1.5),           # host W2
+        lambda: layer.host.down.bias.data.add_(0.5) if layer.host.down.bias is not None else None,
+        lambda: (layer.host.up if layer.host.up is not None else layer.host.first).weight.data.add_(0.1),  # host W_up
         lambda: layer.gate[-1].bias.data.add_(torch.arange(3.0, dtype=dtype)),
     ]
     for change in changes:
@@ -108,7 +108,7 @@ def test_replaced_parameters_and_load_state_dict_are_seen(mode):
     state = {k: torch.randn_like(v) * 0.1 for k, v in layer.adapters.state_dict().items()}
     layer.adapters.load_state_dict(state)
     _check(layer, x, mode, torch.float32)
-    layer._down().weight = torch.nn.Parameter(layer._down().weight.detach() * 2)   # host W2 replaced
+    layer.host.down.weight = torch.nn.Parameter(layer.host.down.weight.detach() * 2)   # host W2 replaced
     _check(layer, x, mode, torch.float32)
 
 
@@ -235,7 +235,7 @@ def test_gradients_with_packed_adapters_match_the_paper_form(domain):
 def test_to_repacks_and_inference_mode_leaves_trainable_parameters():
     model, layer = _layer()
     model.to(torch.float64).to(torch.float32)                 # .to() replaces every parameter and repacks
-    assert layer.adapters_packed(host=layer._fused_host() is not None)
+    assert layer.adapters_packed(host=layer.host.fusable())
     x = torch.randn(2, 5, layer.hidden_size)
     with torch.inference_mode():
         layer(x)
@@ -257,7 +257,7 @@ def test_host_w2_packed_at_patch_time_and_released_by_unpatch():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, adapter_init="normal", gate_dropout=0.0))
     layer = mf.mixda_modules(model)[0]
-    down = layer._down()
+    down = layer.host.down
     w2, b2 = down.weight.detach().clone(), down.bias.detach().clone()
     assert layer.adapters_packed(host=True) and not _storage_is_own(down.weight)   # W2 packed by the patch
     x = torch.randn(2, 5, layer.hidden_size)
@@ -302,7 +302,7 @@ def test_release_after_a_replaced_adapter_still_frees_the_buffer():
     _fused(layer, torch.randn(2, 5, layer.hidden_size), "no_grad")        # W2 packed
     ad = layer.adapters["domain_0"]
     ad.down.weight = torch.nn.Parameter(ad.down.weight.detach().clone())
-    down = layer._down()
+    down = layer.host.down
     mf.unpatch_model(model)
     assert _storage_is_own(down.weight) and _storage_is_own(down.bias)
 

@@ -360,7 +360,7 @@ def test_fused_layer_matches_paper_form_and_backends_agree(family, gate, mixing,
     mf.patch_model(model, mf.MixDAConfig(num_domains=3, gate=gate, mixing=mixing, adapter_input=adapter_input))
     _randomize(model)
     layer = mf.mixda_modules(model)[0]
-    assert layer.formulation == "fused" and layer._fused_host() is not None
+    assert layer.formulation == "fused" and layer.host.fusable()
     inputs = batch(family)
     _set_formulation(model, "paper")
     want = _out(model, inputs)
@@ -401,7 +401,7 @@ def test_unknown_activation_falls_back_to_folded():
     mf.patch_model(model, mf.MixDAConfig(num_domains=2))
     layer = mf.mixda_modules(model)[0]
     layer.base_layer.intermediate_act_fn = torch.nn.Tanh()
-    assert layer._fused_host() is None
+    assert not layer.host.fusable()
     x = torch.randn(2, 3, layer.hidden_size)
     out = layer(x)
     layer.formulation = "paper"
