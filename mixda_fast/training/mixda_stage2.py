@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
 from ..core.families import family_of

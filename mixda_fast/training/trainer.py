@@ -17,7 +17,6 @@ linear schedule) is the Trainer's.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path

@@ -11,7 +11,7 @@ from mixda_fast.demo.data import COLOURS, build_demo_data, general_sentences, ma
 from mixda_fast.demo.mixda import DemoSettings, format_table
 from mixda_fast.training.data import load_knowledge, load_task, load_texts
 from mixda_fast.training.mixda_stage1 import run_stage1
-from tiny_models import minilm_path
+from mixda_fast.training.runs import minilm_path
 
 
 def test_demo_data_is_valid_and_the_task_needs_the_knowledge_base(tmp_path):

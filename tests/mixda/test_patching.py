@@ -9,7 +9,8 @@ import transformers as tf
 import mixda_fast as mf
 from mixda_fast.core.call_state import Frame
 from mixda_fast.mixda.layer import MixDAFFN
-from tiny_models import DECODERS, ENCODERS, FAMILIES, batch, minilm_path, tiny_model
+from mixda_fast.training.runs import minilm_path
+from tiny_models import DECODERS, ENCODERS, FAMILIES, batch, tiny_model
 
 
 def _out(model, inputs):
