@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -31,7 +31,7 @@ from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_t
                    load_texts)
 from .losses import Stage1Model, is_causal_lm
 from .runs import save_head, write_run
-from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments
+from .trainer import MixDATrainer, StageResult, StepTimer, seed_before_init, training_arguments
 
 __all__ = ["default_layers", "run_stage1", "Stage1Result"]
 
@@ -44,16 +44,8 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 @dataclass
-class Stage1Result:
-    model: nn.Module
-    trainer: Any
-    timer: StepTimer
-    output_dir: Path
-    files: dict = field(default_factory=dict)
-
-    @property
-    def log_history(self) -> list[dict]:
-        return self.trainer.state.log_history
+class Stage1Result(StageResult):
+    """What :func:`run_stage1` returns."""
 
 
 def _as_dataset(data, loader, what: str):

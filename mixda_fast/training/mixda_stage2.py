@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -31,7 +31,7 @@ from ..mixda.saving import load_adapters, save_adapters
 from ..task_adapters import add_task_adapters, has_task_adapters, load_task_adapters, save_task_adapters
 from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
 from .runs import load_head, load_lm, read_run, save_head, write_run
-from .trainer import MixDATrainer, StepTimer, classification_metrics, training_arguments
+from .trainer import MixDATrainer, StageResult, StepTimer, classification_metrics, training_arguments
 
 __all__ = ["build_stage2_model", "run_stage2", "load_run", "freeze_for_task", "Stage2Result", "task_model_class"]
 
@@ -127,17 +127,10 @@ def freeze_for_task(model: nn.Module) -> None:
 
 
 @dataclass
-class Stage2Result:
-    model: nn.Module
-    trainer: Any
-    timer: StepTimer
-    output_dir: Path
-    labels: list
-    metrics: dict = field(default_factory=dict)
+class Stage2Result(StageResult):
+    """What :func:`run_stage2` returns, with the label names in id order."""
 
-    @property
-    def log_history(self) -> list[dict]:
-        return self.trainer.state.log_history
+    labels: list = field(default_factory=list)
 
 
 def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.PathLike], *,

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -43,7 +43,7 @@ from .data import KnowledgeCollator, encode_knowledge, load_knowledge
 from .evaluate import batches, predicted_logits
 from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
 from .runs import RUN_FILE, load_lm, read_run, write_run
-from .trainer import MixDATrainer, StepTimer, seed_before_init, training_arguments
+from .trainer import MixDATrainer, StageResult, StepTimer, seed_before_init, training_arguments
 
 __all__ = ["run_mode_stage1", "run_mode_stage2", "ModeResult", "LMObjective", "lm_metrics", "load_mode_run",
            "resolve_expert_file", "EXPERTS_FILE", "METHOD"]
@@ -65,17 +65,8 @@ class LMObjective(ModelObjective):
 
 
 @dataclass
-class ModeResult:
-    model: nn.Module
-    trainer: Any
-    timer: StepTimer
-    output_dir: Path
-    files: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-
-    @property
-    def log_history(self) -> list[dict]:
-        return self.trainer.state.log_history
+class ModeResult(StageResult):
+    """What :func:`run_mode_stage1` and :func:`run_mode_stage2` return."""
 
 
 # -- data ------------------------------------------------------------------------------------

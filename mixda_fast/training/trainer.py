@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -215,3 +216,20 @@ class MixDATrainer(transformers.Trainer):
             self._load_from_checkpoint(best)
         else:
             super()._load_best_model()
+
+
+@dataclass
+class StageResult:
+    """What a stage's ``run_*`` returns: the trained model, its Trainer and step timer, the
+    output folder, the files written there (name by role) and the evaluation metrics."""
+
+    model: nn.Module
+    trainer: Any
+    timer: StepTimer
+    output_dir: Path
+    files: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.trainer.state.log_history
