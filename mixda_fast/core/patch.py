@@ -138,9 +138,9 @@ def patch_state(model: nn.Module, fn: str, method: Optional[str] = None) -> Patc
     state = getattr(model, STATE_ATTR, None)
     wanted = method_named(method) if method else None
     if not isinstance(state, PatchState):
-        with_, how = (f" with {wanted.title}", f"mixda_fast.{wanted.config_class.__name__}(...)") if wanted else ("", "config")
-        raise ValueError(f"{fn}: model={type(model).__name__} is not patched{with_}: call "
-                         f"mixda_fast.patch_model(model, {how}) first")
+        how = f"mixda_fast.{wanted.config_class.__name__}(...)" if wanted else "config"
+        raise ValueError(f"{fn}: model={type(model).__name__} is not patched{f' with {wanted.title}' if wanted else ''}: "
+                         f"call mixda_fast.patch_model(model, {how}) first")
     if wanted is not None and state.method.name != wanted.name:
         have = state.method
         raise ValueError(f"{fn}: model={type(model).__name__} is patched with {have.title}, not {wanted.title}; "
