@@ -51,6 +51,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..core.extras import require
+
 __all__ = ["MODELS", "build_model", "stage1_contenders", "stage2_contenders", "inference_contenders",
            "lora_rank_for", "run"]
 
@@ -104,7 +106,7 @@ def lora_rank_for(model, trainable: int, extra: int = 0) -> int:
 
 
 def _lora(model, rank: int, task_type=None, save=None):
-    import peft
+    peft = require("peft", "bench", "the model benchmark's LoRA contender")
 
     cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=_LORA_TARGETS,
                           task_type=task_type, modules_to_save=save)

@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from ..core.extras import require
+
 __all__ = ["DemoSettings", "run_demo", "main", "fit_mlm_head"]
 
 logger = logging.getLogger(__name__)
@@ -121,10 +123,12 @@ def fit_mlm_head(model, tokenizer, texts_path, *, steps: int, seed: int = 0, max
     return float(loss.detach())
 
 
-def _lora_config(rank: int, task_type: Optional[str] = None, modules_to_save=None):
-    import peft
+def _peft():
+    return require("peft", "demo", "the demo's LoRA baseline")
 
-    return peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=_LORA_TARGETS,
+
+def _lora_config(rank: int, task_type: Optional[str] = None, modules_to_save=None):
+    return _peft().LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=_LORA_TARGETS,
                            task_type=task_type, modules_to_save=modules_to_save)
 
 
@@ -243,10 +247,8 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
     del m
 
     echo(f"\n[2/7] LoRA stage 1: rank {s.lora_rank} on every attention and FFN projection, masked LM on the facts")
-    import peft
-
     m = copy.deepcopy(mlm)
-    pm = peft.get_peft_model(m, _lora_config(s.lora_rank))
+    pm = _peft().get_peft_model(m, _lora_config(s.lora_rank))
     inner = pm.base_model.model
     torch.manual_seed(s.seed)
     r = _train_knowledge_only(inner, tok, data, s, s.lr_lora, out / "lora_stage1")
@@ -287,7 +289,7 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
     echo(f"\n[6/7] LoRA stage 2: stage-1 LoRA merged, fresh rank-{s.lora_rank} LoRA + classifier")
     model = copy.deepcopy(cls_base)
     model.bert.load_state_dict(lora_encoder, strict=False)
-    model = peft.get_peft_model(model, _lora_config(s.lora_rank, "SEQ_CLS", ["classifier"]))
+    model = _peft().get_peft_model(model, _lora_config(s.lora_rank, "SEQ_CLS", ["classifier"]))
     results["methods"]["LoRA"] = {"stage1": lora_s1, "stage2": stage2(model, s.lr_stage2_adapters, "lora_stage2")}
 
     echo("\n[7/7] full fine-tuning stage 2: every weight")
@@ -325,7 +327,7 @@ def format_table(results: dict) -> str:
 
 def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
+    datasets = require("datasets", "demo", "mixda-fast demo")
     import transformers as tf
 
     tf.logging.set_verbosity_error()

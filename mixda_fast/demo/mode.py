@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..core.extras import require
 import torch.nn.functional as F
 
 from ..core.model import count_parameters
@@ -176,7 +178,8 @@ def run(steps: int = 120, pretrain_steps: int = 300, lr: float = 1e-3, batch_siz
     rows.append(("full fine-tuning", full, "full fine-tuning"))
 
     logger.info("PEFT LoRA r=16 on attention (%d steps)", 2 * steps)
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft", "demo", "the MoDE demo's LoRA baseline")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))

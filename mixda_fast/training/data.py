@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..core.extras import require
 from ..core.validate import MAX_CLASSES, check_labels
 
 __all__ = ["DataFileError", "read_records", "load_knowledge", "load_texts", "load_task",
@@ -144,7 +145,7 @@ def _nonempty_str(path, line, rec, field, what="a non-empty string") -> str:
 
 
 def _dataset(rows: list[dict]):
-    import datasets
+    datasets = require("datasets", "train", "reading data files")
 
     if not rows:
         raise ValueError("no records")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..core.extras import require
 from ..core.model import base_model_of
 from .data import KnowledgeCollator, TaskCollator, encode_knowledge, encode_task, encode_texts, load_knowledge, \
     load_task, load_texts
@@ -118,8 +119,7 @@ def hidden_states(model: nn.Module, tokenizer, texts, *, batch_size: int = 64,
     if isinstance(texts, (str, os.PathLike)):
         texts = load_texts(texts)
     if isinstance(texts, list):
-        import datasets
-
+        datasets = require("datasets", "train", "hidden_states")
         texts = datasets.Dataset.from_list([{"line": i + 1, "text": t} for i, t in enumerate(texts)])
     ds = encode_texts(texts, tokenizer, max_length=max_length)
     base = base_model_of(model)

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.extras import require
 from ..core.families import family_of
 from ..mode.config import MoDEConfig
 from ..mode.patching import is_mode_patched, mode_state
@@ -82,7 +83,7 @@ def _as_list(data) -> list:
 def _encoded(data: PathOrData, tokenizer, causal: bool, max_length: int, fn: str):
     """One or more files (or load_knowledge datasets) -> one tokenized dataset; each file is
     encoded under its own name, so errors name the file and line."""
-    import datasets
+    datasets = require("datasets", "train", fn)
 
     parts, sources = [], []
     for d in _as_list(data):

@@ -30,6 +30,7 @@ import transformers
 
 from .losses import Stage1Model
 from ..core.validate import check_float
+from ..core.extras import require
 from ..core.model import gate_parameters
 from ..core.io import TRAINABLE, load_into, read_safetensors, save_tensors
 
@@ -79,6 +80,7 @@ def seed_before_init(training_args: Optional[dict]) -> int:
 def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArguments:
     """``TrainingArguments`` with the paper's optimiser (AdamW, weight decay 0.05, linear decay)
     and CPU-friendly defaults; keyword arguments override any of them."""
+    require("accelerate", "train", "training (transformers.Trainer)")
     kw: dict[str, Any] = dict(
         output_dir=str(output_dir), learning_rate=1e-4, weight_decay=0.05, lr_scheduler_type="linear",
         per_device_train_batch_size=16, per_device_eval_batch_size=32, num_train_epochs=10,
