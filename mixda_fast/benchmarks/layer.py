@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,9 +39,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .layer_report import CONTENDERS, LABELS, check_targets, format_table, format_targets, plot_rows
+from .timing import PEAK_N, interleaved_medians, peak_flops, peak_gemm
+
 __all__ = ["SHAPES", "DTYPES", "CONTENDERS", "CaseSpec", "DEFAULT_CASES", "Case", "interleaved_medians",
            "peak_flops", "build_case", "run_layer_bench", "format_table", "format_targets",
            "check_targets", "profile_case", "gemm_ceiling", "format_ceiling", "plot_rows", "main"]
+# (format_table, check_targets, format_targets, plot_rows: layer_report.py, imported here for main)
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +56,7 @@ SHAPES = {
     "llama-gated": ("llama", 2048, 5632),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONTENDERS = ("plain", "paper", "compiled", "folded", "fused")
-LABELS = {"plain": "plain FFN", "paper": "paper (eager)", "compiled": "paper (compiled)",
-          "folded": "folded (torch)", "fused": "fused (cpp)"}
 MODES = ("inference", "training")
-
-# Targets of issue 3, item 6 (checked by format_targets, never asserted in tests).
-TARGET_FRAC = {"fp32": 0.90, "bf16": 0.75}     # fused, inference, >= 128 tokens
-TARGET_FLOOR = 1.05                             # fused, decode: t / weight-bytes floor
-TARGET_TRAIN = {"paper": 1.6, "compiled": 1.5}  # fused training-step speed-up at K = 4
-PEAK_N = 2048
-
 
 @dataclass(frozen=True)
 class CaseSpec:
@@ -109,45 +102,6 @@ DEFAULT_CASES = (
     CaseSpec("bert-base", "bf16", 4, 1, 128, "inference", contenders=_NO_COMPILE),
     CaseSpec("bert-base", "fp32", 4, 8, 128, "training", contenders=CONTENDERS),
 )
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2,
-                        min_time: float = 0.0, cpu: bool = False) -> dict:
-    """Median seconds per call of each fn, timing them round-robin so drift hits all alike. With
-    ``cpu``, (median wall seconds, median CPU seconds of every thread of this process) per fn."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu_s: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    r = 0
-    while r < reps or time.perf_counter() - start < min_time:
-        for k, fn in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu_s[k].append(time.process_time() - c0)
-        r += 1
-    if cpu:
-        return {k: (statistics.median(wall[k]), statistics.median(cpu_s[k])) for k in fns}
-    return {k: statistics.median(v) for k, v in wall.items()}
-
-
-def _peak_gemm(dtype: torch.dtype, n: int = PEAK_N) -> tuple[Callable[[], object], float]:
-    """(a call of an n^3 GEMM as x @ W^T, its FLOPs)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return (lambda: F.linear(a, b)), 2.0 * n**3
-
-
-def peak_flops(dtype: torch.dtype, n: int = PEAK_N, reps: int = 5, warmup: int = 2) -> float:
-    """FLOP/s of an n^3 GEMM in the layout every nn.Linear uses (x @ W^T). On CPUs without
-    native bf16 dot products, torch.mm(a, b) in bf16 takes a path ~50x slower than x @ W^T, which
-    would flatter every bf16 figure; the layout layers actually use is the fair peak."""
-    fn, flops = _peak_gemm(dtype, n)
-    with torch.inference_mode():
-        t = interleaved_medians({"gemm": fn}, reps=reps, warmup=warmup)["gemm"]
-    return flops / t
 
 
 def _shape_dims(shape: str) -> tuple[str, int, int]:
@@ -367,7 +321,7 @@ def run_layer_bench(shapes: Sequence[str] = ("bert-base",), dtypes: Sequence[str
                 peak_flop = {}
                 if in_loop_peak:
                     for dt in dict.fromkeys((spec.dtype, "fp32")):
-                        fns[f"_peak_{dt}"], peak_flop[dt] = _peak_gemm(DTYPES[dt], peak_n)
+                        fns[f"_peak_{dt}"], peak_flop[dt] = peak_gemm(DTYPES[dt], peak_n)
                 times = interleaved_medians(fns, reps=reps, warmup=warmup, min_time=min_time)
                 if on_case is not None:
                     on_case(case)
@@ -403,84 +357,6 @@ def _rows_of(case: Case, times: dict[str, float], peak: float, peak_n: int = PEA
             compile_s=case.compile_s if name == "compiled" else None,
             notes=list(case.notes)))
     return rows
-
-
-def _fmt(v, spec: str, width: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
-
-
-def format_table(rows: list[dict]) -> str:
-    """One line per case and contender. ``/fp32pk`` = 16-bit rows' FLOP/s over the fp32 peak
-    GEMM's; ``x plain`` = t / t(plain FFN); ``fused x`` = how many times
-    faster the fused contender is than this row; ``x floor`` = t / weight-bytes floor (decode)."""
-    head = (f"{'shape':<14}{'dtype':<6}{'K':>2} {'tokens':<7}{'mode':<7}{'contender':<24}"
-            f"{'ms':>10}{'frac peak':>10}{'/fp32pk':>8}{'x plain':>8}{'fused x':>8}{'x floor':>8}{'compile s':>10}")
-    lines = [head, "-" * len(head)]
-    prev = None
-    notes: list[str] = []
-    for r in rows:
-        key = (r["shape"], r["dtype"], r["K"], r["tokens"], r["mode"])
-        if prev is not None and key != prev:
-            lines.append("")
-        prev = key
-        label = r["label"]
-        mode = "train" if r["mode"] == "training" else "infer"
-        lines.append(f"{r['shape']:<14}{r['dtype']:<6}{r['K']:>2} {r['tokens']:<7}{mode:<7}{label:<24}"
-                     f"{r['ms']:>10.3f}{r['frac_peak']:>10.2f}{_fmt(r.get('frac_fp32_peak'), '.2f', 8)}"
-                     f"{_fmt(r['overhead'], '.2f', 8)}"
-                     f"{_fmt(r['fused_speedup'], '.2f', 8)}{_fmt(r['floor'], '.2f', 8)}"
-                     f"{_fmt(r.get('compile_s'), '.1f', 10)}")
-        notes.extend(n for n in r.get("notes", ()) if n not in notes)
-    if not rows:
-        return "\n".join(lines)
-    peaks: dict[str, list[float]] = {}
-    for r in rows:
-        peaks.setdefault(r["dtype"], []).append(r["peak_gflops"])
-    lines.append("")
-    lines.append(f"peak ({rows[0].get('peak_n', PEAK_N)}^3 GEMM, x @ W^T) GFLOP/s: " + ", ".join(
-        f"{dt} {min(v):.1f}-{max(v):.1f}" if min(v) != max(v) else f"{dt} {v[0]:.1f}" for dt, v in peaks.items()))
-    lines.extend(f"note: {n}" for n in notes)
-    return "\n".join(lines)
-
-
-def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets against the fused contender: one dict per applicable (case, target)
-    with fields case, target, measured, goal, met."""
-    out = []
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        by_case.setdefault((r["shape"], r["dtype"], r["K"], r["tokens"], r["mode"]), {})[r["contender"]] = r
-    for (shape, dt, k, tokens, mode), rs in by_case.items():
-        fused = rs.get("fused")
-        if fused is None:
-            continue
-        b, t = (int(v) for v in tokens.split("x"))
-        name = f"{shape} {dt} K={k} {tokens} {mode}"
-        if mode == "inference" and t > 1 and b * t >= 128:
-            goal = TARGET_FRAC[dt]
-            out.append(dict(case=name, target=f"fraction of peak >= {goal:.2f}", measured=fused["frac_peak"],
-                            goal=goal, met=fused["frac_peak"] >= goal))
-        if t == 1 and mode == "inference" and fused["floor"] is not None:
-            out.append(dict(case=name, target=f"time / weight-bytes floor <= {TARGET_FLOOR:.2f}",
-                            measured=fused["floor"], goal=TARGET_FLOOR, met=fused["floor"] <= TARGET_FLOOR))
-        if mode == "training" and k == 4:
-            for ref, goal in TARGET_TRAIN.items():
-                if ref in rs:
-                    sp = rs[ref]["ms"] / fused["ms"]
-                    out.append(dict(case=name, target=f"speed-up vs {LABELS[ref]} >= {goal:.1f}x",
-                                    measured=sp, goal=goal, met=sp >= goal))
-    return out
-
-
-def format_targets(rows: list[dict]) -> str:
-    checks = check_targets(rows)
-    if not checks:
-        return "targets: none applicable to these cases"
-    w = max(len(c["case"]) for c in checks)
-    lines = [f"{'case':<{w}}  {'target (fused contender)':<40}{'measured':>9}  met"]
-    for c in checks:
-        lines.append(f"{c['case']:<{w}}  {c['target']:<40}{c['measured']:>9.2f}  {'yes' if c['met'] else 'NO'}")
-    return "\n".join(lines)
 
 
 def profile_case(case: Case, contenders: Sequence[str] = ("fused",), calls: int = 2, top: int = 15) -> str:
@@ -543,7 +419,7 @@ def gemm_ceiling(spec: CaseSpec, reps: int = 5, peak_n: int = PEAK_N) -> dict:
                   "gate MLP backward": chain([mm(rows_g, o, i) for i, o in gate_dims]
                                              + [mm(o, rows_g, i) for i, o in gate_dims])})
     fns = {k: v[0] for k, v in g.items()}
-    fns["_peak"], peak_f = _peak_gemm(dt, peak_n)
+    fns["_peak"], peak_f = peak_gemm(dt, peak_n)
     with torch.inference_mode():
         t = interleaved_medians(fns, reps=reps, warmup=1)
     peak = peak_f / t.pop("_peak")
@@ -560,58 +436,6 @@ def format_ceiling(spec: CaseSpec, c: dict) -> str:
         lines.append(f"  {k:<28}{fl / 1e9:>8.3f} GFLOP{sec * 1e3:>10.2f} ms   frac peak {frac:.2f}")
     return "\n".join(lines)
 
-
-def plot_rows(rows: list[dict], path: str) -> str:
-    """Bar charts: fraction of peak per case (with the targets) and, for decode cases, time over
-    the weight-bytes floor. Writes a PNG at ``path`` and returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def case_key(r):
-        return (r["shape"], r["dtype"], r["K"], r["tokens"], r["mode"])
-
-    keys = list(dict.fromkeys(case_key(r) for r in rows))
-    decode = [k for k in keys if k[3].endswith("x1") and k[4] == "inference"]
-    dense = [k for k in keys if k not in decode]
-    names = [c for c in CONTENDERS if any(r["contender"] == c for r in rows)]
-    label_of = {r["contender"]: r["label"] for r in rows}
-    panels = [(dense, "frac_peak", "fraction of peak (GEMM FLOP/s)"),
-              (decode, "floor", "time / weight-bytes floor")]
-    panels = [p for p in panels if p[0]]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7.0, 1.6 * max(len(p[0]) for p in panels) + 3), 4.2 * len(panels)),
-                             squeeze=False)
-    width = 0.8 / max(1, len(names))
-    for ax, (ks, field_, ylabel) in zip(axes[:, 0], panels):
-        index = {k: i for i, k in enumerate(ks)}
-        for j, c in enumerate(names):
-            xs, ys = [], []
-            for r in rows:
-                k = case_key(r)
-                if r["contender"] == c and k in index and r.get(field_) is not None:
-                    xs.append(index[k] + (j - (len(names) - 1) / 2) * width)
-                    ys.append(r[field_])
-            ax.bar(xs, ys, width, label=label_of[c])
-        for k, i in index.items():
-            if field_ == "frac_peak" and k[4] == "inference":
-                ax.hlines(TARGET_FRAC[k[1]], i - 0.45, i + 0.45, colors="k", linestyles="--", linewidth=1)
-            if field_ == "floor":
-                ax.hlines(TARGET_FLOOR, i - 0.45, i + 0.45, colors="k", linestyles="--", linewidth=1)
-        ax.set_xticks(range(len(ks)))
-        ax.set_xticklabels([f"{k[0]}\n{k[1]} K={k[2]}\n{k[3]} {k[4]}" for k in ks], fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, ncol=min(3, len(names)))
-    axes[0, 0].set_title("MixDA layer vs plain FFN (dashed: targets)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---- command line --------------------------------------------------------------------------
 
 def _tokens_arg(text: str) -> tuple[int, int]:
     try:

@@ -52,6 +52,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core.extras import require
+from .timing import interleaved_medians
 
 __all__ = ["MODELS", "build_model", "stage1_contenders", "stage2_contenders", "inference_contenders",
            "lora_rank_for", "run"]
@@ -346,7 +347,6 @@ def _table(rows: list[list], head: list[str]) -> str:
 
 def run(model: str = "minilm", batch: int = 16, seq: int = 64, reps: int = 10, memory: bool = True,
         echo=print) -> dict:
-    from .layer import interleaved_medians
 
     results: dict = {"model": model, "tokens": f"{batch}x{seq}", "threads": torch.get_num_threads(),
                      "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "groups": {}}
