@@ -118,6 +118,15 @@ void gemm_bias_out(at::Tensor out, const at::Tensor& a, const at::Tensor& w,
   }
 }
 
+// A Python number as an ATen operand: a "wrapped number" tensor, which type promotion lets the
+// op compute in its float math. A C++ Scalar (t.mul_(0.044715)) is rounded to t's dtype first, so
+// in bf16 the constants of NewGELU would differ from what the host's Python formula multiplies by.
+at::Tensor py_number(double v) {
+  at::Tensor s = at::scalar_tensor(v, at::kDouble);
+  s.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return s;
+}
+
 // out = act(pre), with ATen's own kernels (bit-identical to the host's activation module).
 void act_forward_out(int64_t act, const at::Tensor& pre, at::Tensor out) {
   switch (static_cast<Act>(act)) {
@@ -127,13 +136,13 @@ void act_forward_out(int64_t act, const at::Tensor& pre, at::Tensor out) {
     case Act::GeluNew: {  // transformers' NewGELUActivation, op by op:
       // 0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3.0))))
       at::Tensor t = at::pow(pre, 3.0);
-      t.mul_(0.044715);
+      t.mul_(py_number(0.044715));
       t = at::add(pre, t);
-      t.mul_(0.7978845608028654);  // math.sqrt(2.0 / math.pi)
+      t.mul_(py_number(0.7978845608028654));  // math.sqrt(2.0 / math.pi)
       t.tanh_();
-      t.add_(1.0);
+      t.add_(py_number(1.0));
       out.copy_(pre);
-      out.mul_(0.5);
+      out.mul_(py_number(0.5));
       out.mul_(t);
       break;
     }

@@ -120,6 +120,8 @@ def test_ffn_in_backward_matches_reference_property(N, F, act, gated, seed):
 @needs_kernels
 @settings(max_examples=40, deadline=None)
 @example(B=3, T=3, F=1, D=5, K=8, r=1, act=0, gated=False, paper=False, token_gate=False, seed=0)  # K roundings of y
+# NewGELU's constants rounded to bf16 by C++ Scalars (1 - tanh cancels: 7% off at x = -1.91)
+@example(B=1, T=3, F=1, D=1, K=1, r=1, act=3, gated=False, paper=False, token_gate=False, seed=59118)
 @given(B=st.integers(1, 3), T=st.integers(1, 7), F=st.integers(1, 33), D=st.integers(1, 17),
        K=st.integers(1, 8), r=st.integers(1, 6), act=st.integers(0, 5), gated=st.booleans(),
        paper=st.booleans(), token_gate=st.booleans(), seed=st.integers(0, 2 ** 16))
