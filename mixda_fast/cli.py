@@ -146,7 +146,8 @@ _ONLY = {
         ("--mixing", "mixing", "paper"), ("--gate-hidden", "gate_hidden", 768), ("--gate-layers", "gate_layers", 4),
         ("--gate-dropout", "gate_dropout", 0.2), ("--freeze-gate", "freeze_gate", False),
         ("--train-lm-head", "train_lm_head", False), ("--lambda", "knowledge_weight", 0.5),
-        ("--old-weight", "old_weight", 1.0), ("--general-batch-size", "general_batch_size", None)],
+        ("--old-weight", "old_weight", 1.0), ("--general-batch-size", "general_batch_size", None),
+        ("--head-steps", "head_steps", 120)],
     ("stage1", "mode"): [
         ("--num-blocks", "num_blocks", 3), ("--expert-layers", "expert_layers", 2),
         ("--expert-init", "expert_init", "copy"), ("--execution", "execution", None), ("--eval", "eval", None)],
@@ -251,7 +252,9 @@ def _mode_stage2(args: argparse.Namespace) -> int:
 
 def _warn_missing_head(model, missing, path, tail: str) -> None:
     """Warn when the checkpoint lacks the LM head's weights; ``tail`` says what happens to it."""
-    head_missing = [k for k in missing if not k.startswith(model.base_model_prefix + ".")]
+    from .training.lm_head import missing_head_keys
+
+    head_missing = missing_head_keys(model, missing)
     if head_missing:
         logging.warning("the checkpoint %s has no LM head weights (%s): the head is freshly initialised%s",
                         path, ", ".join(head_missing[:4]), tail)
@@ -270,9 +273,7 @@ def _stage1(args: argparse.Namespace) -> int:
     knowledge = load_knowledge(args.knowledge)          # validate the data before loading the model
     general = load_texts(args.general) if args.general else None
     model, tokenizer, missing = load_lm(args.model)
-    _warn_missing_head(model, missing, args.model,
-                       "; --train-lm-head trains it with the adapters" if not args.train_lm_head else
-                       " and trains with the adapters (--train-lm-head)")
+    fitted = _head_for_stage1(model, tokenizer, missing, general, args)
     from .core.families import family_of
     from .core.model import layer_list
 
@@ -284,7 +285,7 @@ def _stage1(args: argparse.Namespace) -> int:
     result = run_stage1(model, tokenizer, knowledge, args.output, general=general, domain=args.domain,
                         config=config, knowledge_weight=args.knowledge_weight, old_weight=args.old_weight,
                         max_length=args.max_length, general_batch_size=args.general_batch_size,
-                        train_gate=not args.freeze_gate, train_lm_head=args.train_lm_head,
+                        train_gate=not args.freeze_gate, train_lm_head=args.train_lm_head, save_lm_head=fitted,
                         training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
                         base_model_path=os.path.abspath(args.model),
                         data_sources={"knowledge": os.path.abspath(args.knowledge),
@@ -292,6 +293,29 @@ def _stage1(args: argparse.Namespace) -> int:
     if result.files:                                   # the main process (DDP: rank 0) wrote them
         print(f"stage 1 done: domain adapter {args.domain!r} in {args.output} ({', '.join(result.files.values())})")
     return 0
+
+
+def _head_for_stage1(model, tokenizer, missing, general, args) -> bool:
+    """A checkpoint without an LM head (a sentence-embedding model): with --train-lm-head the head
+    trains with the adapters; else a masked LM's head is fitted on --general text first (as the
+    demo does), and anything else is refused. Returns whether a head was fitted."""
+    from .training.lm_head import fit_mlm_head, missing_head_keys
+    from .training.losses import is_causal_lm
+
+    head_missing = missing_head_keys(model, missing)
+    if not head_missing or args.train_lm_head:
+        _warn_missing_head(model, missing, args.model, " and trains with the adapters (--train-lm-head)")
+        return False
+    if general is None or is_causal_lm(model):
+        raise ValueError(f"--model {args.model!r}: the checkpoint has no LM head weights ({', '.join(head_missing[:4])}), "
+                         "so stage 1 would train against a random head; pass --train-lm-head to train the head with "
+                         "the adapters" + ("" if is_causal_lm(model) else
+                                           ", or --general TEXT to fit a head on general text first"))
+    loss = fit_mlm_head(model, tokenizer, general, steps=args.head_steps, seed=args.seed)
+    print(f"the checkpoint {args.model} has no masked-LM head ({len(head_missing)} tensors missing): fitted one on "
+          f"--general text first, encoder frozen ({args.head_steps} steps, final cross-entropy {loss:.2f}); it is "
+          "saved with the adapters (--train-lm-head trains it with the adapters instead)")
+    return True
 
 
 def _stage2(args: argparse.Namespace) -> int:
@@ -478,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gate-dropout", type=_float(lo_open=False, hi=1.0, hi_open=True), help=f"(default {D1('gate_dropout')})")
     m.add_argument("--freeze-gate", action="store_true", default=None, help="train the adapter only, not the gate")
     m.add_argument("--train-lm-head", action="store_true", default=None,
-                   help="train the LM head too (for checkpoints without one, e.g. sentence-embedding models)")
+                   help="train the LM head too (for checkpoints without one, e.g. sentence-embedding models; "
+                        "without this flag such a masked LM gets a head fitted on --general text first)")
+    m.add_argument("--head-steps", type=_int(), default=None,
+                   help=f"steps fitting a missing masked-LM head on --general text (default {D1('head_steps')})")
     m.add_argument("--lambda", dest="knowledge_weight", type=_float(lo_open=False),
                    help=f"weight of L_knowledge (default {D1('knowledge_weight')}, the paper's)")
     m.add_argument("--old-weight", type=_float(lo_open=False), help=f"weight of L_old (default {D1('old_weight'):g})")

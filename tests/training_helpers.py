@@ -76,7 +76,7 @@ def tiny(family="bert", head="lm", seed=0, num_labels=4, init=0.3):
     if family in DECODERS:
         config.pad_token_id = 0
     config.num_labels = num_labels
-    auto = {"cls": tf.AutoModelForSequenceClassification, "mc": tf.AutoModelForMultipleChoice,
+    auto = {"cls": tf.AutoModelForSequenceClassification, "mc": tf.AutoModelForMultipleChoice, "base": tf.AutoModel,
             "lm": tf.AutoModelForCausalLM if family in DECODERS else tf.AutoModelForMaskedLM}[head]
     return auto.from_config(config).eval()
 

@@ -39,7 +39,7 @@ import torch
 
 from ..core.extras import require
 
-__all__ = ["DemoSettings", "run_demo", "main", "fit_mlm_head"]
+__all__ = ["DemoSettings", "run_demo", "main"]
 
 logger = logging.getLogger(__name__)
 _LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
@@ -77,50 +77,6 @@ class DemoSettings:
     def quick(cls) -> "DemoSettings":
         return cls(people=24, test_people=12, k_shot=4, head_steps=10, stage1_steps=6, stage1_batch=8,
                    general_batch=4, stage2_epochs=2, stage2_batch=8)
-
-
-def fit_mlm_head(model, tokenizer, texts_path, *, steps: int, seed: int = 0, max_length: int = 32,
-                 positions: int = 256, lr: float = 2e-3) -> float:
-    """Fit the masked-LM head (transform + bias; the decoder is tied to the frozen word
-    embeddings) on 15%-masked general text, the encoder frozen. The encoder's hidden states are
-    computed once, so each step costs only the head. Returns the final cross-entropy."""
-    from ..core.model import head_parameters
-    from ..training.data import KnowledgeCollator, encode_texts, load_texts
-    from ..training.losses import lm_head_of
-
-    ds = encode_texts(load_texts(texts_path), tokenizer, max_length=max_length)
-    collator = KnowledgeCollator(tokenizer, causal=False, seed=seed)
-    feats, labels = [], []
-    base, head = model.base_model, lm_head_of(model)
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(ds), 64):
-            b = collator([{"input_ids": ds[j]["input_ids"], "labels": [], "random_mask": True}
-                          for j in range(i, min(len(ds), i + 64))])
-            h = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0]
-            sel = b["labels"] != -100
-            feats.append(h[sel])
-            labels.append(b["labels"][sel])
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    params = head_parameters(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(float("nan"))
-    head.train()
-    for _ in range(steps):
-        idx = torch.randint(len(feats), (min(positions, len(feats)),), generator=g)
-        loss = torch.nn.functional.cross_entropy(head(feats[idx]), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
-    return float(loss.detach())
 
 
 def _peft():
@@ -203,6 +159,7 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
     from ..mixda.config import MixDAConfig
     from ..training.data import load_task
     from ..training.evaluate import fact_exact_match, hidden_states
+    from ..training.lm_head import fit_mlm_head, missing_head_keys
     from ..training.mixda_stage1 import run_stage1
     from ..training.runs import load_lm, minilm_path
     from ..training.mixda_stage2 import build_stage2_model, run_stage2
@@ -220,7 +177,7 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
          f"general text: Python documentation (pydoc_data.topics)")
 
     mlm, tok, missing = load_lm(path)
-    head_missing = [k for k in missing if k.startswith("cls.")]
+    head_missing = missing_head_keys(mlm, missing)
     torch.manual_seed(s.seed)
     head_loss = fit_mlm_head(mlm, tok, data.general_train, steps=s.head_steps, seed=s.seed)
     note = (f"the checkpoint has no masked-LM head ({len(head_missing)} tensors missing): fitted one on general "

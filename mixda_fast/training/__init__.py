@@ -7,6 +7,7 @@ Shared:
 - :mod:`.trainer`: ``MixDATrainer`` (custom ``compute_loss``, gate learning rate,
   trainable-only checkpoints);
 - :mod:`.runs`: run folders (the ``mixda_run.json`` manifest, base model loading, head files);
+- :mod:`.lm_head`: fitting a missing masked-LM head before stage 1;
 - :mod:`.evaluate`: fact exact-match, task accuracy / macro-F1, general drift.
 
 The stages: :mod:`.mixda_stage1`, :mod:`.mixda_stage2` (MixDA, docs/design.md section 2) and
@@ -19,7 +20,7 @@ Everything here loads transformers and datasets, so it is imported on first use
 _LAZY = {
     "run_stage1": "mixda_stage1", "default_layers": "mixda_stage1",
     "run_stage2": "mixda_stage2", "build_stage2_model": "mixda_stage2", "load_run": "mixda_stage2",
-    "read_run": "runs", "load_lm": "runs",
+    "read_run": "runs", "load_lm": "runs", "fit_mlm_head": "lm_head",
     "MixDATrainer": "trainer", "training_arguments": "trainer", "accuracy_and_macro_f1": "trainer",
     "Stage1Model": "losses", "knowledge_loss": "losses", "old_knowledge_loss": "losses",
     "fact_exact_match": "evaluate", "evaluate_task": "evaluate", "general_drift": "evaluate",

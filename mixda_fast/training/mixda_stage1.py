@@ -63,7 +63,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
                general=None, domain: str = "domain_0", config: Optional[MixDAConfig] = None,
                knowledge_weight: float = 0.5, old_weight: float = 1.0, max_length: int = 128,
                general_batch_size: Optional[int] = None, train_gate: bool = True,
-               train_lm_head: bool = False, training_args: Optional[dict] = None,
+               train_lm_head: bool = False, save_lm_head: bool = False, training_args: Optional[dict] = None,
                resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
                base_model_path: Optional[str] = None, save: bool = True,
                data_sources: Optional[dict] = None, gate_learning_rate: Optional[float] = None) -> Stage1Result:
@@ -75,7 +75,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     L_old off, with a warning). ``training_args``: overrides of :func:`training_arguments`
     (defaults: lr 1e-4, AdamW with weight decay 0.05, linear decay, 10 epochs, batch 16).
     ``data_sources``: {"knowledge": path, "general": path} to record in the manifest when the
-    data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone.
+    data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone. ``save_lm_head``: write
+    the LM head with the adapters although it does not train (a head fitted before stage 1).
     Under DDP only the main process writes the output files.
     """
     if not isinstance(domain, str) or not domain:
@@ -133,7 +134,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     if save and args.should_save:
         files["domain_adapter"] = save_adapters(model, output_dir, domain=domain).name
         files["adapters"] = save_adapters(model, output_dir).name
-        if train_lm_head:
+        if train_lm_head or save_lm_head:
             files["lm_head"] = save_head(model, output_dir / "lm_head.safetensors", LM_HEAD, "run_stage1", lm=True)
         write_run(output_dir, {
             "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],
@@ -141,7 +142,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
             "knowledge": sources["knowledge"], "general": sources["general"],
             "knowledge_weight": knowledge_weight, "old_weight": old_weight, "max_length": max_length,
             "trainable_parameters": trainable, "total_parameters": total,
-            "train_gate": train_gate, "train_lm_head": train_lm_head,
+            "train_gate": train_gate, "train_lm_head": train_lm_head, "lm_head_fitted": save_lm_head,
             "log_history": trainer.state.log_history,
         })
     return Stage1Result(model=model, trainer=trainer, timer=timer, output_dir=output_dir, files=files)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from mixda_fast.cli import build_parser, main
 from training_helpers import easy_task_rows, save_checkpoint, write_data, write_jsonl
@@ -80,3 +81,33 @@ def test_stage1_stage2_evaluate_through_folders(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "s1"), "--data", str(knowledge)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["facts"] == 16 and 0 <= metrics["exact_match"] <= 1
+
+
+def test_stage1_refuses_a_checkpoint_without_lm_head_when_no_head_can_be_fitted(tmp_path, capsys):
+    knowledge, _, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert", head="base")          # an encoder without MLM head
+    assert main(["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--output", str(tmp_path / "s1"),
+                 "--max-steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no LM head weights" in err and "--train-lm-head" in err and "--general" in err
+    assert not (tmp_path / "s1").exists()
+
+
+def test_stage1_fits_a_missing_mlm_head_first_and_saves_it(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mixda_fast.training.mixda_stage2 import load_run
+
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert", head="base")
+    assert main(["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--general", str(general),
+                 "--output", str(tmp_path / "s1"), "--layers", "1", "--gate-hidden", "16", "--head-steps", "5",
+                 "--max-steps", "2", "--batch-size", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "has no masked-LM head" in out and "fitted one on --general text first" in out and "(5 steps" in out
+    run = json.loads((tmp_path / "s1" / "mixda_run.json").read_text())
+    assert run["lm_head_fitted"] is True and not run["train_lm_head"] and run["files"]["lm_head"] == "lm_head.safetensors"
+    head = load_file(str(tmp_path / "s1" / "lm_head.safetensors"))
+    model, _, _ = load_run(tmp_path / "s1")            # the rebuilt model has the fitted head, not a fresh one
+    state = model.state_dict()
+    assert head and all(torch.equal(state[k], v) for k, v in head.items())
