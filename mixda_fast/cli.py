@@ -147,7 +147,7 @@ _ONLY = {
         ("--gate-dropout", "gate_dropout", 0.2), ("--freeze-gate", "freeze_gate", False),
         ("--train-lm-head", "train_lm_head", False), ("--lambda", "knowledge_weight", 0.5),
         ("--old-weight", "old_weight", 1.0), ("--general-batch-size", "general_batch_size", None),
-        ("--head-steps", "head_steps", 120)],
+        ("--head-steps", "head_steps", 120), ("--old-loss", "old_loss", "mse")],
     ("stage1", "mode"): [
         ("--num-blocks", "num_blocks", 3), ("--expert-layers", "expert_layers", 2),
         ("--expert-init", "expert_init", "copy"), ("--execution", "execution", None), ("--eval", "eval", None)],
@@ -284,6 +284,7 @@ def _stage1(args: argparse.Namespace) -> int:
                          gate_layers=args.gate_layers, gate_dropout=args.gate_dropout)
     result = run_stage1(model, tokenizer, knowledge, args.output, general=general, domain=args.domain,
                         config=config, knowledge_weight=args.knowledge_weight, old_weight=args.old_weight,
+                        old_loss=args.old_loss,
                         max_length=args.max_length, general_batch_size=args.general_batch_size,
                         train_gate=not args.freeze_gate, train_lm_head=args.train_lm_head, save_lm_head=fitted,
                         training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
@@ -509,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lambda", dest="knowledge_weight", type=_float(lo_open=False),
                    help=f"weight of L_knowledge (default {D1('knowledge_weight')}, the paper's)")
     m.add_argument("--old-weight", type=_float(lo_open=False), help=f"weight of L_old (default {D1('old_weight'):g})")
+    m.add_argument("--old-loss", choices=["mse", "paper", "relative"],
+                   help="form of L_old per token: mse = mean_d (y - f)^2 (the released code's), paper = "
+                        "||y - f||^2, relative = ||y - f||^2 / ||f||^2 (default " + D1("old_loss") + ")")
     m.add_argument("--general-batch-size", type=_int(), default=None,
                    help="general-text sequences per step (default: the batch size)")
     _add_mode_stage1_options(s1)

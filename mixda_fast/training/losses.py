@@ -4,9 +4,10 @@
   cross-entropy on the labelled next tokens. The LM head runs on the labelled positions only
   (the vocabulary projection of every other position is work thrown away); the result equals
   the model's own ``loss`` (a test checks it).
-- ``old_knowledge_loss``: mean-squared error between each patched layer's output y and the same
+- ``old_knowledge_loss``: the distance between each patched layer's output y and the same
   layer's output with its adapters switched off, f (detached), over non-padding tokens, averaged
-  over layers. Both come from one forward that collects each patched layer's (y, f) pairs
+  over layers: the released code's MSE (default), the paper's squared norm, or the norm relative
+  to ||f|| (``OLD_LOSSES``). Both come from one forward that collects each patched layer's (y, f) pairs
   (``CallState.collecting``; f is computed anyway).
   The released code compared a tensor with itself, so its L_old was always 0.
 - ``Stage1Model``: the HF model plus both losses in one ``forward``, so that ``Trainer`` (and the
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 
 from ..core.call_state import StopForward
 from ..core.model import base_model_of
+from ..core.validate import check_choice
 from ..core.patch import is_patched
 from ..mixda.patching import mixda_state
 
-__all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "ModelObjective", "Stage1Model", "is_causal_lm"]
+__all__ = ["lm_head_of", "knowledge_loss", "old_knowledge_loss", "OLD_LOSSES", "ModelObjective", "Stage1Model", "is_causal_lm"]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -77,20 +79,39 @@ def knowledge_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return F.cross_entropy(logits.float(), labels[sel])
 
 
-def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """mean over patched layers of MSE(y, f.detach()) over non-padding tokens. ``captures``:
-    (y, f) pairs, each (B, T, D); ``attention_mask``: (B, T), 1 = real token."""
+OLD_LOSSES = ("mse", "paper", "relative")
+"""Forms of L_old, per patched layer l with output y (adapters on) and f (adapters off), per real
+token t, averaged over tokens and layers:
+
+- "mse": mean_d (y - f)^2, the released code's ``F.mse_loss``: the paper's norm divided by the
+  width d (384 on MiniLM), so it is tiny next to the knowledge loss;
+- "paper": ||y - f||^2 summed over d, the paper's L_S = (1/L) sum_l ||F_l - K_l||^2;
+- "relative": ||y - f||^2 / ||f||^2, scale-free: the squared relative change of the FFN output,
+  comparable across layers and models whatever the magnitude of their FFN outputs."""
+
+
+def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor], form: str = "mse") -> torch.Tensor:
+    """L_old (:data:`OLD_LOSSES`) over the (y, f) pairs of the patched layers, each (B, T, D), f
+    detached; ``attention_mask``: (B, T), 1 = real token (padding does not count)."""
     if not captures:
         raise ValueError("old_knowledge_loss: captures is empty: no patched layer ran (is the model patched, "
                          "with adapters enabled?)")
+    check_choice("old_knowledge_loss: form", form, OLD_LOSSES)
     total = 0.0
     for y, f in captures:
-        se = (y.float() - f.detach().float()).pow(2).mean(-1)    # (B, T)
-        if attention_mask is not None and attention_mask.shape == se.shape:
-            m = attention_mask.to(se.dtype)
-            total = total + (se * m).sum() / m.sum().clamp_min(1.0)
+        f = f.detach().float()
+        se = (y.float() - f).pow(2)                                       # (B, T, D)
+        if form == "mse":
+            per_token = se.mean(-1)                                       # (B, T)
+        elif form == "paper":
+            per_token = se.sum(-1)
         else:
-            total = total + se.mean()
+            per_token = se.sum(-1) / f.pow(2).sum(-1).clamp_min(1e-12)
+        if attention_mask is not None and attention_mask.shape == per_token.shape:
+            m = attention_mask.to(per_token.dtype)
+            total = total + (per_token * m).sum() / m.sum().clamp_min(1.0)
+        else:
+            total = total + per_token.mean()
     return total / len(captures)
 
 
@@ -119,11 +140,16 @@ class ModelObjective(nn.Module):
 
 class Stage1Model(ModelObjective):
     """Wraps a patched (masked or causal) LM for stage 1; ``forward`` returns
-    ``{"loss_knowledge", "loss_old"}`` and ``Trainer.compute_loss`` weighs them.
+    ``{"loss_knowledge", "loss_old"}`` and ``Trainer.compute_loss`` weighs them. ``old_loss``
+    picks the form of L_old (:data:`OLD_LOSSES`).
 
     The general-text pass for L_old stops right after the last patched layer: nothing above it
     changes L_old, so the remaining layers are not run (same loss, less work). An unpatched model
     (the LoRA and full fine-tuning baselines of the demo) gets L_knowledge only."""
+
+    def __init__(self, model: nn.Module, causal: Optional[bool] = None, old_loss: str = "mse"):
+        super().__init__(model, causal)
+        self.old_form = check_choice("Stage1Model: old_loss", old_loss, OLD_LOSSES)
 
     def forward(self, input_ids, attention_mask, labels, old_input_ids=None, old_attention_mask=None):
         lk = knowledge_loss(self.model, input_ids, attention_mask, labels, self.causal)
@@ -142,4 +168,4 @@ class Stage1Model(ModelObjective):
                 base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask)
             except StopForward:
                 pass
-        return old_knowledge_loss(captures, attention_mask)
+        return old_knowledge_loss(captures, attention_mask, self.old_form)

@@ -23,13 +23,14 @@ from ..core.families import family_of
 from ..core.io import LM_HEAD
 from ..core.model import count_parameters, head_parameters, layer_list
 from ..core.patch import check_member, is_patched, mark_trainable, patch_model
+from ..core.validate import check_choice
 from ..mixda.config import MixDAConfig
 from ..mixda.layer import MixDAGate
 from ..mixda.patching import patch_config
 from ..mixda.saving import save_adapters
 from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_texts, load_knowledge,
                    load_texts)
-from .losses import Stage1Model, is_causal_lm
+from .losses import OLD_LOSSES, Stage1Model, is_causal_lm
 from .runs import save_head, write_run
 from .trainer import MixDATrainer, StageResult, StepTimer, seed_before_init, training_arguments
 
@@ -61,8 +62,8 @@ def _as_dataset(data, loader, what: str):
 
 def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os.PathLike], *,
                general=None, domain: str = "domain_0", config: Optional[MixDAConfig] = None,
-               knowledge_weight: float = 0.5, old_weight: float = 1.0, max_length: int = 128,
-               general_batch_size: Optional[int] = None, train_gate: bool = True,
+               knowledge_weight: float = 0.5, old_weight: float = 1.0, old_loss: str = "mse",
+               max_length: int = 128, general_batch_size: Optional[int] = None, train_gate: bool = True,
                train_lm_head: bool = False, save_lm_head: bool = False, training_args: Optional[dict] = None,
                resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
                base_model_path: Optional[str] = None, save: bool = True,
@@ -75,12 +76,15 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     L_old off, with a warning). ``training_args``: overrides of :func:`training_arguments`
     (defaults: lr 1e-4, AdamW with weight decay 0.05, linear decay, 10 epochs, batch 16).
     ``data_sources``: {"knowledge": path, "general": path} to record in the manifest when the
-    data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone. ``save_lm_head``: write
-    the LM head with the adapters although it does not train (a head fitted before stage 1).
+    data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone.
+    ``old_loss``: the form of L_old (``training.losses.OLD_LOSSES``; "mse" is the released
+    code's). ``save_lm_head``: write the LM head with the adapters although it does not train
+    (a head fitted before stage 1).
     Under DDP only the main process writes the output files.
     """
     if not isinstance(domain, str) or not domain:
         raise TypeError(f"run_stage1: domain={domain!r} is not accepted: expected a non-empty str")
+    check_choice("run_stage1: old_loss", old_loss, OLD_LOSSES)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     family_of(model)
@@ -121,7 +125,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     args = training_arguments(str(output_dir), **(training_args or {}))
     collator = Stage1Collator(KnowledgeCollator(tokenizer, causal, seed=args.seed), gen_ds, general_batch_size)
     timer = StepTimer()
-    wrapper = Stage1Model(model, causal)
+    wrapper = Stage1Model(model, causal, old_loss=old_loss)
     trainer = MixDATrainer(model=wrapper, args=args, train_dataset=train_ds, data_collator=collator,
                            callbacks=[timer, *callbacks], knowledge_weight=knowledge_weight,
                            old_weight=old_weight if gds is not None else 0.0,
@@ -140,7 +144,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
             "stage": 1, "base_model": base_model_path, "model_type": family_of(model)[0],
             "domain": domain, "config": config.to_dict(), "files": files, "causal": causal,
             "knowledge": sources["knowledge"], "general": sources["general"],
-            "knowledge_weight": knowledge_weight, "old_weight": old_weight, "max_length": max_length,
+            "knowledge_weight": knowledge_weight, "old_weight": old_weight, "old_loss": old_loss,
+            "max_length": max_length,
             "trainable_parameters": trainable, "total_parameters": total,
             "train_gate": train_gate, "train_lm_head": train_lm_head, "lm_head_fitted": save_lm_head,
             "log_history": trainer.state.log_history,

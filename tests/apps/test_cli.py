@@ -111,3 +111,18 @@ def test_stage1_fits_a_missing_mlm_head_first_and_saves_it(tmp_path, capsys):
     model, _, _ = load_run(tmp_path / "s1")            # the rebuilt model has the fitted head, not a fresh one
     state = model.state_dict()
     assert head and all(torch.equal(state[k], v) for k, v in head.items())
+
+
+def test_stage1_old_loss_form_is_chosen_and_recorded(tmp_path):
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    assert main(["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--general", str(general),
+                 "--output", str(tmp_path / "s1"), "--layers", "1", "--gate-hidden", "16", "--old-loss", "relative",
+                 "--max-steps", "2", "--batch-size", "8", "--no-progress", "--logging-steps", "1"]) == 0
+    run = json.loads((tmp_path / "s1" / "mixda_run.json").read_text())
+    assert run["old_loss"] == "relative"
+    logged = [h["loss_old"] for h in run["log_history"] if "loss_old" in h]
+    assert logged and all(v > 0 for v in logged[1:])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--output",
+                                   str(tmp_path / "x"), "--old-loss", "l1"])
