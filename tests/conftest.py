@@ -1,3 +1,4 @@
+import os
 """Fixtures shared by the test files."""
 
 import pytest
@@ -11,3 +12,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+# Property tests draw the same examples on every run (CI must not fail by the luck of the draw);
+# HYPOTHESIS_PROFILE=explore searches new ones, as a development session should.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("default", derandomize=True)
+_hyp_settings.register_profile("explore", derandomize=False)
+_hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
