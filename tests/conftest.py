@@ -1,6 +1,6 @@
-import os
 """Fixtures shared by the test files."""
 
+import os
 import pytest
 import torch
 
