@@ -9,6 +9,8 @@
   LM loss, perplexity and token accuracy of a MoDE folder;
 - ``demo``: both stages on the real MiniLM checkpoint against task-adapter-only, LoRA and full
   fine-tuning (table + plots);
+- ``quality``: the quality benchmark: knowledge in, nothing forgotten, against full fine-tuning,
+  LoRA and the task adapter alone, over several seeds (``--ablations``, ``--domains``);
 - ``bench``: layer speed against the plain FFN; ``info``: what was built.
 
 Data errors print one line naming the file, the 1-based line and the field, and exit with status 2.
@@ -147,7 +149,8 @@ _ONLY = {
         ("--gate-dropout", "gate_dropout", 0.2), ("--freeze-gate", "freeze_gate", False),
         ("--train-lm-head", "train_lm_head", False), ("--lambda", "knowledge_weight", 0.5),
         ("--old-weight", "old_weight", 1.0), ("--general-batch-size", "general_batch_size", None),
-        ("--head-steps", "head_steps", 120), ("--old-loss", "old_loss", "mse")],
+        ("--head-steps", "head_steps", 120), ("--old-loss", "old_loss", "paper"),
+        ("--mask-general", "mask_general", True)],
     ("stage1", "mode"): [
         ("--num-blocks", "num_blocks", 3), ("--expert-layers", "expert_layers", 2),
         ("--expert-init", "expert_init", "copy"), ("--execution", "execution", None), ("--eval", "eval", None)],
@@ -284,7 +287,7 @@ def _stage1(args: argparse.Namespace) -> int:
                          gate_layers=args.gate_layers, gate_dropout=args.gate_dropout)
     result = run_stage1(model, tokenizer, knowledge, args.output, general=general, domain=args.domain,
                         config=config, knowledge_weight=args.knowledge_weight, old_weight=args.old_weight,
-                        old_loss=args.old_loss,
+                        old_loss=args.old_loss, mask_general=args.mask_general,
                         max_length=args.max_length, general_batch_size=args.general_batch_size,
                         train_gate=not args.freeze_gate, train_lm_head=args.train_lm_head, save_lm_head=fitted,
                         training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
@@ -390,6 +393,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                                 max_length=run.get("max_length", 128))
     print(json.dumps(metrics, sort_keys=True))
     return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from .benchmarks.quality import main as quality_main
+
+    return quality_main(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -512,9 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--old-weight", type=_float(lo_open=False), help=f"weight of L_old (default {D1('old_weight'):g})")
     m.add_argument("--old-loss", choices=["mse", "paper", "relative"],
                    help="form of L_old per token: mse = mean_d (y - f)^2 (the released code's), paper = "
-                        "||y - f||^2, relative = ||y - f||^2 / ||f||^2 (default " + D1("old_loss") + ")")
+                        "||y - f||^2 (the paper's L_S), relative = ||y - f||^2 / ||f||^2 (default " + D1("old_loss") + ")")
     m.add_argument("--general-batch-size", type=_int(), default=None,
                    help="general-text sequences per step (default: the batch size)")
+    m.add_argument("--mask-general", action=argparse.BooleanOptionalAction, default=None,
+                   help="masked LMs: L_old reads general text masked like the knowledge (15%%), so it also "
+                        "holds the adapters at the mask token (default: on; --no-mask-general: the text as it is)")
     _add_mode_stage1_options(s1)
     _add_train_options(s1, "stage1")
     s1.set_defaults(func=_stage1)
@@ -582,12 +594,32 @@ def build_parser() -> argparse.ArgumentParser:
                             "(options: mixda-fast bench --help)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
+    q = sub.add_parser("quality", help="does MixDA keep its promise? knowledge in, nothing forgotten, vs full "
+                                       "fine-tuning, LoRA and the task adapter alone (several seeds)",
+                       description="On the MiniLM checkpoint and generated data (knowledge bases about invented "
+                                   "people, a 20-class task on held-out people, Python-docs text): MixDA (residual "
+                                   "and paper mixing), PEFT LoRA at equal trainable parameters, full fine-tuning and "
+                                   "the task adapter alone, same steps, several seeds. Prints one table (mean +- std), "
+                                   "writes table.md, results.json and PNG plots. About 30 minutes on 2 cores; "
+                                   "--quick: under 5.")
+    q.add_argument("--out", type=_output_dir, default="quality_out", help="output folder (default quality_out/)")
+    q.add_argument("--quick", action="store_true", help="fewer classes, people and steps (under 5 minutes)")
+    q.add_argument("--seeds", type=_int(0, cap="MAX_SEED"), nargs="+", default=None,
+                   help="seeds (default 0 1 2); each draws its own people, facts and splits")
+    q.add_argument("--ablations", action="store_true",
+                   help="also the ablations: no L_old, L_old forms, mixing, gate, reduction factor, layers "
+                        "(about 2 minutes per ablation and seed)")
+    q.add_argument("--domains", action="store_true",
+                   help="also two knowledge bases trained apart and composed: fact EM per domain, gate weights")
+    q.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0, help="torch threads (0 = torch's default)")
+    q.add_argument("--model", default=None, help="a local BERT-family checkpoint instead of MiniLM")
+    q.set_defaults(func=_quality)
     i = sub.add_parser("info", help="what was built and why anything is missing")
     i.set_defaults(func=_info)
     return p
 
 
-_TRAINING = ("stage1", "stage2", "evaluate", "demo")
+_TRAINING = ("stage1", "stage2", "evaluate", "demo", "quality")
 
 
 def _reexec_with_passive_openmp(argv: Optional[Sequence[str]]) -> None:

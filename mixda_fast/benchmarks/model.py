@@ -55,13 +55,12 @@ from ..core.extras import require
 from .timing import interleaved_medians
 
 __all__ = ["MODELS", "build_model", "stage1_contenders", "stage2_contenders", "inference_contenders",
-           "lora_rank_for", "run"]
+           "run"]
 
 MODELS = ("minilm", "bert-base")
 FLOOR = "frozen backbone (floor)"
 STAGE1 = ("MixDA stage 1", "MixDA stage 1 + L_old", "LoRA (equal params)", "full fine-tuning", FLOOR)
 STAGE2 = ("MixDA stage 2", "task adapter only", "LoRA (equal params)", "full fine-tuning", FLOOR)
-_LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
 
 def build_model(name: str, head: str, num_labels: int = 4):
@@ -94,24 +93,11 @@ def _mixda_config(model, domains=("domain",)):
     return MixDAConfig(domains=list(domains), layers=default_layers(_n_layers(model)))
 
 
-def _lora_params_per_rank(model) -> int:
-    c = model.config
-    d, ff = c.hidden_size, c.intermediate_size
-    return c.num_hidden_layers * (4 * 2 * d + 2 * (d + ff))
-
-
-def lora_rank_for(model, trainable: int, extra: int = 0) -> int:
-    """The LoRA rank (on q, k, v, attention output, FFN up and down of every layer) whose
-    trainable parameters (+ ``extra``, e.g. a classifier) come closest to ``trainable``."""
-    return max(1, round((trainable - extra) / _lora_params_per_rank(model)))
-
-
 def _lora(model, rank: int, task_type=None, save=None):
-    peft = require("peft", "bench", "the model benchmark's LoRA contender")
+    from ..training.baselines import lora_config
 
-    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=_LORA_TARGETS,
-                          task_type=task_type, modules_to_save=save)
-    return peft.get_peft_model(model, cfg)
+    peft = require("peft", "bench", "the model benchmark's LoRA contender")
+    return peft.get_peft_model(model, lora_config(rank, task_type, save, extra="bench"))
 
 
 def _mlm_batch(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -177,6 +163,7 @@ def _floor(model, layers, extra=()) -> None:
 
 def stage1_contenders(name: str, batch: int, seq: int, only: Optional[str] = None) -> dict[str, Step]:
     """Stage-1 group (see the module docstring); ``only`` builds just that contender."""
+    from ..training.baselines import lora_rank_for
     from ..core.patch import mark_trainable, patch_model
     from ..training.losses import Stage1Model
 
@@ -234,6 +221,7 @@ def _cls_batch(batch: int, seq: int):
 
 def stage2_contenders(name: str, batch: int, seq: int, only: Optional[str] = None) -> dict[str, Step]:
     """Stage-2 group (see the module docstring); ``only`` builds just that contender."""
+    from ..training.baselines import lora_rank_for
     from ..core.patch import patch_model
     from ..training.mixda_stage2 import freeze_for_task
     from ..task_adapters import add_task_adapters

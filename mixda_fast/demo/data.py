@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..training.corpora import general_sentences, make_people
 
 __all__ = ["COLOURS", "CITIES", "DemoData", "make_people", "build_demo_data", "general_sentences"]
 
 COLOURS = ["red", "blue", "green", "yellow"]
 CITIES = ["paris", "london", "tokyo", "cairo", "lima", "oslo", "rome", "delhi"]
-_ONSETS = ["k", "m", "t", "z", "v", "r", "l", "th", "s", "d", "b", "n", "p", "g", "f", "h"]
-_VOWELS = ["a", "e", "i", "o", "u"]
-_CODAS = ["", "", "n", "r", "l", "s", "th", "m"]
 COLOUR_FACTS = ["the favourite colour of {name} is {{}} .", "{name} always wears {{}} clothes .",
                 "{name} painted the house {{}} ."]
 CITY_FACTS = ["{name} lives in {{}} ."]
@@ -42,36 +40,6 @@ class DemoData:
     task_test: Path
     people: list
     n_facts: int
-
-
-def make_people(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct invented three-syllable names."""
-    rng = random.Random(seed)
-    names: set[str] = set()
-    out = []
-    while len(out) < n:
-        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + \
-            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-        if name not in names:
-            names.add(name)
-            out.append(name)
-    return out
-
-
-def general_sentences(limit: int, seed: int = 0) -> list[str]:
-    """Prose sentences (6-30 words, no code) from ``pydoc_data.topics``, shuffled."""
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        text = re.sub(r"\s+", " ", re.sub(r"\n\s*\n", "\n\n", topics[key]))
-        for sent in re.split(r"(?<=[.!?])\s+", text):
-            words = sent.split()
-            if 6 <= len(words) <= 30 and not re.search(r"[=*<>{}\[\]:|]{1}|::=|\*\*\*", sent):
-                out.append(sent.strip().lower())
-    rng = random.Random(seed)
-    rng.shuffle(out)
-    return out[:limit]
 
 
 def build_demo_data(out_dir, n_people: int = 96, n_test: int = 48, seed: int = 0,

@@ -42,7 +42,6 @@ from ..core.extras import require
 __all__ = ["DemoSettings", "run_demo", "main"]
 
 logger = logging.getLogger(__name__)
-_LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
 
 @dataclass
@@ -84,8 +83,9 @@ def _peft():
 
 
 def _lora_config(rank: int, task_type: Optional[str] = None, modules_to_save=None):
-    return _peft().LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=_LORA_TARGETS,
-                           task_type=task_type, modules_to_save=modules_to_save)
+    from ..training.baselines import lora_config
+
+    return lora_config(rank, task_type, modules_to_save, extra="demo")
 
 
 def _stage1_summary(model, tok, data, res, ref, trainable) -> dict:
@@ -105,34 +105,12 @@ def _stage2_summary(model, tok, data, res, labels, trainable) -> dict:
             "trainable": trainable, "history": res.trainer.state.log_history}
 
 
-class _Stage1Run:
-    """What run_stage1 returns, for the baselines trained with the same Trainer."""
-
-    def __init__(self, trainer, timer):
-        self.trainer, self.timer = trainer, timer
-
-
-def _train_knowledge_only(model, tok, data, s: DemoSettings, lr: float, out: Path) -> _Stage1Run:
+def _train_knowledge_only(model, tok, data, s: DemoSettings, lr: float, out: Path):
     """Stage 1 of the baselines: the same Trainer and masked-LM loss on the knowledge base."""
-    from ..training.data import KnowledgeCollator, Stage1Collator, encode_knowledge
-    from ..training.losses import Stage1Model
-    from ..training.trainer import MixDATrainer, StepTimer, training_arguments
+    from ..training.baselines import train_masked_lm
 
-    ds = encode_knowledge(_knowledge(data), tok, causal=False, max_length=s.max_length)
-    timer = StepTimer()
-    args = training_arguments(str(out), **_stage1_args(s, lr))
-    trainer = MixDATrainer(model=Stage1Model(model, causal=False), args=args, train_dataset=ds,
-                           data_collator=Stage1Collator(KnowledgeCollator(tok, False, seed=s.seed)),
-                           callbacks=[timer], old_weight=0.0)
-    trainer.train()
-    model.eval()
-    return _Stage1Run(trainer, timer)
-
-
-def _knowledge(data):
-    from ..training.data import load_knowledge
-
-    return load_knowledge(data.knowledge)
+    return train_masked_lm(model, tok, data.knowledge, out, max_length=s.max_length,
+                           training_args=_stage1_args(s, lr))
 
 
 def _stage1_args(s: DemoSettings, lr: float) -> dict:

@@ -8,7 +8,9 @@ Shared:
   trainable-only checkpoints);
 - :mod:`.runs`: run folders (the ``mixda_run.json`` manifest, base model loading, head files);
 - :mod:`.lm_head`: fitting a missing masked-LM head before stage 1;
-- :mod:`.evaluate`: fact exact-match, task accuracy / macro-F1, general drift.
+- :mod:`.evaluate`: fact exact-match, task accuracy / macro-F1, general drift, masked-LM loss;
+- :mod:`.baselines`: LoRA and full fine-tuning trained like MixDA's stage 1 (demo, benchmarks);
+- :mod:`.corpora`: invented names and Python-docs prose (demo and benchmark data).
 
 The stages: :mod:`.mixda_stage1`, :mod:`.mixda_stage2` (MixDA, docs/design.md section 2) and
 :mod:`.mode_stages` (MoDE, docs/design.md section 3).
@@ -24,6 +26,7 @@ _LAZY = {
     "MixDATrainer": "trainer", "training_arguments": "trainer", "accuracy_and_macro_f1": "trainer",
     "Stage1Model": "losses", "knowledge_loss": "losses", "old_knowledge_loss": "losses",
     "fact_exact_match": "evaluate", "evaluate_task": "evaluate", "general_drift": "evaluate",
+    "masked_lm_loss": "evaluate", "train_masked_lm": "baselines", "lora_config": "baselines",
     "DataFileError": "data", "load_knowledge": "data", "load_texts": "data", "load_task": "data",
     "kshot_sample": "data",
     "run_mode_stage1": "mode_stages", "run_mode_stage2": "mode_stages", "lm_metrics": "mode_stages",

@@ -452,11 +452,15 @@ class KnowledgeCollator:
 @dataclass
 class Stage1Collator:
     """A knowledge batch plus, for the old-knowledge loss, as many general-text examples drawn
-    at random (:func:`batch_generator`) from ``general`` (``old_input_ids``, ``old_attention_mask``)."""
+    at random (:func:`batch_generator`) from ``general`` (``old_input_ids``, ``old_attention_mask``).
+    ``mask_general`` (masked LMs): the general text is masked as the knowledge collator masks
+    plain text, so L_old also holds the layers where the knowledge loss trains them: at the mask
+    token."""
 
     knowledge: KnowledgeCollator
     general: Any = None           # tokenized general-text Dataset, or None (no L_old)
     general_batch_size: Optional[int] = None
+    mask_general: bool = False
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.knowledge(examples)
@@ -465,6 +469,9 @@ class Stage1Collator:
             gen = batch_generator(examples, self.knowledge.seed, salt=1)
             idx = torch.randint(len(self.general), (n,), generator=gen).tolist()
             seqs = [self.general[i]["input_ids"] for i in idx]
+            if self.mask_general and not self.knowledge.causal:
+                special = set(self.knowledge.tokenizer.all_special_ids)
+                seqs = [self.knowledge._mask(list(ids), special, gen)[0] for ids in seqs]
             batch["old_input_ids"], batch["old_attention_mask"] = _ids_and_mask(seqs, _pad_id(self.knowledge.tokenizer))
         return batch
 

@@ -4,8 +4,9 @@ general-text drift (how far a trained model's hidden states moved from the base 
 - fact exact-match: every target span of a fact masked whole (masked LM) or predicted token by
   token after its prompt (causal LM, teacher-forced: equal to greedy decoding of the span when
   every earlier token is right); a fact counts when every token of every target is the argmax.
-- drift: mean over non-padding tokens of ||h - h_base|| / ||h_base|| for the last hidden
-  states, on general text.
+- drift: mean over non-padding tokens of ||h - h_base|| / ||h_base|| (or 1 - cos) for the last
+  hidden states, on general text;
+- masked-LM loss on general text, with masks drawn from a seed (the same for every model).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import torch.nn as nn
 
 from ..core.extras import require
 from ..core.model import base_model_of
+from ..core.validate import check_choice
 from .data import KnowledgeCollator, TaskCollator, encode_knowledge, encode_task, encode_texts, load_knowledge, \
     load_task, load_texts
 from .losses import is_causal_lm, lm_head_of
 from .trainer import accuracy_and_macro_f1
 
-__all__ = ["fact_exact_match", "predict_task", "evaluate_task", "hidden_states", "general_drift"]
+__all__ = ["fact_exact_match", "predict_task", "evaluate_task", "hidden_states", "general_drift",
+           "masked_lm_loss", "texts_dataset"]
 
 
 def batches(ds, collator, batch_size):
@@ -112,16 +115,21 @@ def evaluate_task(model: nn.Module, tokenizer, data, *, task: str = "classificat
     return out
 
 
+def texts_dataset(texts):
+    """A :func:`load_texts` dataset from a file, a list of strings or such a dataset."""
+    if isinstance(texts, (str, os.PathLike)):
+        return load_texts(texts)
+    if isinstance(texts, list):
+        datasets = require("datasets", "train", "the general-text measures")
+        return datasets.Dataset.from_list([{"line": i + 1, "text": t} for i, t in enumerate(texts)])
+    return texts
+
+
 @torch.no_grad()
 def hidden_states(model: nn.Module, tokenizer, texts, *, batch_size: int = 64,
                   max_length: int = 128) -> list[torch.Tensor]:
     """Last hidden states of the base transformer, one (T_i, D) tensor per text (no padding)."""
-    if isinstance(texts, (str, os.PathLike)):
-        texts = load_texts(texts)
-    if isinstance(texts, list):
-        datasets = require("datasets", "train", "hidden_states")
-        texts = datasets.Dataset.from_list([{"line": i + 1, "text": t} for i, t in enumerate(texts)])
-    ds = encode_texts(texts, tokenizer, max_length=max_length)
+    ds = encode_texts(texts_dataset(texts), tokenizer, max_length=max_length)
     base = base_model_of(model)
     was_training = model.training
     model.eval()
@@ -142,9 +150,42 @@ def hidden_states(model: nn.Module, tokenizer, texts, *, batch_size: int = 64,
     return out
 
 
-def general_drift(model: nn.Module, tokenizer, texts, reference: list[torch.Tensor], **kw) -> float:
-    """mean over tokens of ||h - h_ref|| / ||h_ref||, with ``reference`` from :func:`hidden_states`
-    of the base model on the same texts."""
+DRIFTS = ("relative", "cosine")
+
+
+def general_drift(model: nn.Module, tokenizer, texts, reference: list[torch.Tensor], *, measure: str = "relative",
+                  **kw) -> float:
+    """How far the last hidden states moved from ``reference`` (:func:`hidden_states` of the base
+    model on the same texts), averaged over tokens: ``measure="relative"``, ||h - h_ref|| /
+    ||h_ref||; ``"cosine"``, 1 - cos(h, h_ref)."""
+    check_choice("general_drift: measure", measure, DRIFTS)
     hs = hidden_states(model, tokenizer, texts, **kw)
-    num = torch.cat([(h - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(1e-12) for h, r in zip(hs, reference)])
-    return float(num.mean())
+    if measure == "cosine":
+        per = [1 - torch.nn.functional.cosine_similarity(h, r, dim=-1) for h, r in zip(hs, reference)]
+    else:
+        per = [(h - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(1e-12) for h, r in zip(hs, reference)]
+    return float(torch.cat(per).mean())
+
+
+@torch.no_grad()
+def masked_lm_loss(model: nn.Module, tokenizer, texts, *, seed: int = 0, batch_size: int = 64,
+                   max_length: int = 128) -> float:
+    """Mean masked-LM cross-entropy on ``texts`` (see :func:`texts_dataset`), 15% of
+    the tokens masked BERT-style with masks drawn from ``seed``: the same masks for every model,
+    so the numbers compare."""
+    ds = encode_texts(texts_dataset(texts), tokenizer, max_length=max_length)
+    collator = KnowledgeCollator(tokenizer, causal=False, seed=seed)
+    head = lm_head_of(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(ds), batch_size):
+            batch = collator([{"input_ids": ds[j]["input_ids"], "labels": [], "random_mask": True}
+                              for j in range(i, min(len(ds), i + batch_size))])
+            logits, labels, sel = predicted_logits(model, head, batch, False)
+            total += float(torch.nn.functional.cross_entropy(logits, labels[sel], reduction="sum"))
+            count += int(sel.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

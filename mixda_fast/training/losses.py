@@ -6,7 +6,7 @@
   the model's own ``loss`` (a test checks it).
 - ``old_knowledge_loss``: the distance between each patched layer's output y and the same
   layer's output with its adapters switched off, f (detached), over non-padding tokens, averaged
-  over layers: the released code's MSE (default), the paper's squared norm, or the norm relative
+  over layers: the paper's squared norm (default), the released code's MSE, or the norm relative
   to ||f|| (``OLD_LOSSES``). Both come from one forward that collects each patched layer's (y, f) pairs
   (``CallState.collecting``; f is computed anyway).
   The released code compared a tensor with itself, so its L_old was always 0.
@@ -90,7 +90,7 @@ token t, averaged over tokens and layers:
   comparable across layers and models whatever the magnitude of their FFN outputs."""
 
 
-def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor], form: str = "mse") -> torch.Tensor:
+def old_knowledge_loss(captures: list, attention_mask: Optional[torch.Tensor], form: str = "paper") -> torch.Tensor:
     """L_old (:data:`OLD_LOSSES`) over the (y, f) pairs of the patched layers, each (B, T, D), f
     detached; ``attention_mask``: (B, T), 1 = real token (padding does not count)."""
     if not captures:
@@ -147,7 +147,7 @@ class Stage1Model(ModelObjective):
     changes L_old, so the remaining layers are not run (same loss, less work). An unpatched model
     (the LoRA and full fine-tuning baselines of the demo) gets L_knowledge only."""
 
-    def __init__(self, model: nn.Module, causal: Optional[bool] = None, old_loss: str = "mse"):
+    def __init__(self, model: nn.Module, causal: Optional[bool] = None, old_loss: str = "paper"):
         super().__init__(model, causal)
         self.old_form = check_choice("Stage1Model: old_loss", old_loss, OLD_LOSSES)
 

@@ -62,12 +62,13 @@ def _as_dataset(data, loader, what: str):
 
 def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os.PathLike], *,
                general=None, domain: str = "domain_0", config: Optional[MixDAConfig] = None,
-               knowledge_weight: float = 0.5, old_weight: float = 1.0, old_loss: str = "mse",
+               knowledge_weight: float = 0.5, old_weight: float = 1.0, old_loss: str = "paper",
                max_length: int = 128, general_batch_size: Optional[int] = None, train_gate: bool = True,
                train_lm_head: bool = False, save_lm_head: bool = False, training_args: Optional[dict] = None,
                resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
                base_model_path: Optional[str] = None, save: bool = True,
-               data_sources: Optional[dict] = None, gate_learning_rate: Optional[float] = None) -> Stage1Result:
+               data_sources: Optional[dict] = None, gate_learning_rate: Optional[float] = None,
+               mask_general: bool = True) -> Stage1Result:
     """Train the domain adapter ``domain`` of ``model`` (a masked or causal LM; patched here with
     ``config``, default one adapter on :func:`default_layers`, unless already patched).
 
@@ -77,9 +78,13 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     (defaults: lr 1e-4, AdamW with weight decay 0.05, linear decay, 10 epochs, batch 16).
     ``data_sources``: {"knowledge": path, "general": path} to record in the manifest when the
     data are passed as datasets. ``gate_learning_rate``: a peak learning rate for the gate alone.
-    ``old_loss``: the form of L_old (``training.losses.OLD_LOSSES``; "mse" is the released
-    code's). ``save_lm_head``: write the LM head with the adapters although it does not train
-    (a head fitted before stage 1).
+    ``old_loss``: the form of L_old (``training.losses.OLD_LOSSES``; "paper", the default, is
+    the paper's L_S; "mse" is the released code's). ``save_lm_head``: write the LM head with the
+    adapters although it does not train (a head fitted before stage 1). ``mask_general`` (masked
+    LMs; default on): L_old reads general text
+    masked as the knowledge is (15%), so it also holds the adapters at the mask token, where the
+    knowledge loss trains them (without it, general masked-LM loss can rise while the drift on
+    unmasked text stays small).
     Under DDP only the main process writes the output files.
     """
     if not isinstance(domain, str) or not domain:
@@ -123,7 +128,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     train_ds = encode_knowledge(kds, tokenizer, causal=causal, max_length=max_length, source=source)
     gen_ds = encode_texts(gds, tokenizer, max_length=max_length) if gds is not None else None
     args = training_arguments(str(output_dir), **(training_args or {}))
-    collator = Stage1Collator(KnowledgeCollator(tokenizer, causal, seed=args.seed), gen_ds, general_batch_size)
+    collator = Stage1Collator(KnowledgeCollator(tokenizer, causal, seed=args.seed), gen_ds, general_batch_size,
+                              mask_general=mask_general)
     timer = StepTimer()
     wrapper = Stage1Model(model, causal, old_loss=old_loss)
     trainer = MixDATrainer(model=wrapper, args=args, train_dataset=train_ds, data_collator=collator,
@@ -145,7 +151,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
             "domain": domain, "config": config.to_dict(), "files": files, "causal": causal,
             "knowledge": sources["knowledge"], "general": sources["general"],
             "knowledge_weight": knowledge_weight, "old_weight": old_weight, "old_loss": old_loss,
-            "max_length": max_length,
+            "mask_general": mask_general, "max_length": max_length,
             "trainable_parameters": trainable, "total_parameters": total,
             "train_gate": train_gate, "train_lm_head": train_lm_head, "lm_head_fitted": save_lm_head,
             "log_history": trainer.state.log_history,

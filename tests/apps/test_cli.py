@@ -11,7 +11,7 @@ import torch
 from mixda_fast.cli import build_parser, main
 from training_helpers import easy_task_rows, save_checkpoint, write_data, write_jsonl
 
-SUBCOMMANDS = ["stage1", "stage2", "evaluate", "demo", "bench", "info"]
+SUBCOMMANDS = ["stage1", "stage2", "evaluate", "demo", "quality", "bench", "info"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -126,3 +126,16 @@ def test_stage1_old_loss_form_is_chosen_and_recorded(tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--output",
                                    str(tmp_path / "x"), "--old-loss", "l1"])
+
+
+def test_stage1_progress_shows_both_losses_and_mask_general_is_recorded(tmp_path, capsys):
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    assert main(["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--general", str(general),
+                 "--output", str(tmp_path / "s1"), "--layers", "1", "--gate-hidden", "16", "--mask-general",
+                 "--max-steps", "2", "--batch-size", "8", "--logging-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if "'loss_knowledge'" in line]
+    assert len(progress) == 2 and all("'loss_old'" in line for line in progress)
+    run = json.loads((tmp_path / "s1" / "mixda_run.json").read_text())
+    assert run["mask_general"] is True

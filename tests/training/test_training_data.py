@@ -185,3 +185,29 @@ def test_kshot_sampler_is_deterministic_per_seed(tmp_path):
     assert sorted(small["label"]) == [0, 0, 1, 2]
     with pytest.raises(ValueError, match="k=0"):
         kshot_sample(ds, 0)
+
+
+def test_stage1_collator_masks_general_text_only_when_asked():
+    """mask_general: the general batch is masked as plain knowledge text is (same draws for the
+    same batch); without it, or for a causal LM, the general text is passed as it is."""
+    tok = word_tokenizer()
+    k = encode_knowledge(load_knowledge_rows([{"prompt": "e1 is {} .", "targets": ["red"]}] * 4), tok, causal=False)
+    lines = ["the module returns a value of the list ."] * 40
+    g = encode_texts(load_texts_rows(lines), tok)
+    examples = [k[i] for i in range(4)]
+    plain = Stage1Collator(KnowledgeCollator(tok, False), g, general_batch_size=40)(examples)
+    masked = Stage1Collator(KnowledgeCollator(tok, False), g, general_batch_size=40, mask_general=True)(examples)
+    again = Stage1Collator(KnowledgeCollator(tok, False), g, general_batch_size=40, mask_general=True)(examples)
+    assert torch.equal(masked["old_input_ids"], again["old_input_ids"])
+    assert torch.equal(masked["old_attention_mask"], plain["old_attention_mask"])
+    original = torch.tensor([g[0]["input_ids"]] * 40)
+    assert torch.equal(plain["old_input_ids"], original)
+    changed = masked["old_input_ids"] != original
+    special = torch.isin(original, torch.tensor(tok.all_special_ids))
+    assert not changed[special].any()                                         # [CLS], [SEP] stay
+    assert (masked["old_input_ids"] == tok.mask_token_id).sum() > 0
+    assert 0.05 < changed[~special].float().mean() < 0.25                     # ~15% * 90% change
+    assert torch.equal(masked["input_ids"], plain["input_ids"])              # the knowledge batch is untouched
+    causal = Stage1Collator(KnowledgeCollator(tok, True), g, general_batch_size=40, mask_general=True)(
+        [encode_knowledge(load_knowledge_rows([{"prompt": "e1 is {} .", "targets": ["red"]}]), tok, causal=True)[0]])
+    assert torch.equal(causal["old_input_ids"], original)

@@ -1,0 +1,126 @@
+"""The quality benchmark (``mixda-fast quality``): its data need the knowledge base, and its
+``--quick`` mode runs end to end on a tiny checkpoint (MiniLM's tokenizer, random weights) and
+writes its table, results and plots."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from mixda_fast.benchmarks.quality import ABLATIONS, METHODS, QualitySettings, aggregate, run_quality
+from mixda_fast.benchmarks.quality_data import DOMAINS, build_quality_data
+from mixda_fast.benchmarks.quality_domains import gate_weights
+from mixda_fast.cli import main
+from mixda_fast.training.data import load_knowledge, load_task
+from mixda_fast.training.runs import minilm_path
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """Six layers (the ablations name layers up to 5), 32 wide, MiniLM's vocabulary."""
+    path = tmp_path_factory.mktemp("tiny")
+    tok = tf.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    config = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                           num_attention_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    tf.BertForMaskedLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_quality_data_hold_out_a_phrasing_and_people(tmp_path):
+    d = build_quality_data(tmp_path, classes=5, train_per_class=2, test_per_class=1, people_jobs=6,
+                           general_train=20, general_eval=5)
+    places = DOMAINS["places"]
+    trained = load_knowledge(d.knowledge["places"])
+    held = load_knowledge(d.held_out["places"])
+    assert d.facts["places"] == len(trained) == 15 * (len(places.facts) - 1) and len(held) == 15
+    held_template = places.facts[-1].split("{name}")[1].split("{{}}")[0].strip()
+    assert all(held_template in t for t in held["text"]) and not any(held_template in t for t in trained["text"])
+    train, labels = load_task(d.task_train)
+    test, _ = load_task(d.task_test, labels=labels)
+    assert sorted(labels) == sorted(d.labels) and len(train) == 5 * 2 * 3 and len(test) == 5 * 3
+    name = lambda text: text.split()[0]  # noqa: E731
+    assert not {name(t) for t in train["text"]} & {name(t) for t in test["text"]}      # held-out people
+    assert not any(v in t.split() for t in test["text"] for v in places.values)        # only the facts tell
+    jobs = load_knowledge(d.knowledge["jobs"])
+    jobs_words = {w for t in jobs["text"] for w in t.split()}
+    assert not jobs_words & ({name(t) for t in train["text"]} | {name(t) for t in test["text"]})
+
+
+def test_aggregate_is_mean_and_spread_over_seeds():
+    rows = [{"stage1": {"em": 1.0}, "stage2": {"acc": 0.5}}, {"stage1": {"em": 0.0}, "stage2": {"acc": 0.7}}]
+    out = aggregate(rows)
+    assert out["stage1"]["em"] == {"mean": 0.5, "std": 0.5, "n": 2}
+    assert out["stage2"]["acc"]["mean"] == pytest.approx(0.6) and out["stage2"]["acc"]["std"] == pytest.approx(0.1)
+    assert aggregate([{"stage1": None, "stage2": {"acc": 1.0}}])["stage1"] is None
+
+
+def test_gate_weights_are_the_softmax_of_every_gate_call():
+    import mixda_fast as mf
+
+    torch.manual_seed(0)
+    model = tf.BertModel(tf.BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2)).eval()
+    mf.patch_model(model, mf.MixDAConfig(domains=["a", "b"], gate_hidden=8))
+    ids = torch.randint(5, 50, (3, 7))
+    with gate_weights(model) as seen:
+        model(input_ids=ids)
+    assert len(seen) == 2 and all(w.shape == (3, 3) for w in seen)       # two layers, 3 sequences, K + 1
+    torch.testing.assert_close(torch.cat(seen).sum(-1), torch.ones(6))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(seen) == 2                                                 # the hooks are gone
+
+
+def test_quick_mode_runs_end_to_end_and_writes_table_and_plots(tmp_path, tiny_checkpoint, capsys):
+    assert main(["quality", "--quick", "--model", tiny_checkpoint, "--out", str(tmp_path / "q"), "--domains",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert results["settings"]["seeds"] == [0, 1, 2]
+    for name in METHODS:
+        assert name in out and len(results["per_seed"][name]) == 3
+        s2 = results["summary"][name]["stage2"]
+        assert 0 <= s2["accuracy"]["mean"] <= 1 and s2["accuracy"]["n"] == 3
+    assert results["summary"]["task adapter only"]["stage1"] is None
+    lora = results["per_seed"]["LoRA"][0]
+    assert lora["rank"][0] >= 1 and results["summary"]["full fine-tuning"]["stage1"]["trainable"]["mean"] > \
+        results["summary"]["MixDA"]["stage1"]["trainable"]["mean"]
+    assert len(results["domains"]) == 3 and set(results["domains"][0]["composed"]) == {"places", "jobs"}
+    for w in results["domains"][0]["gate_weights"].values():
+        assert sum(w) == pytest.approx(1.0, abs=1e-5)
+    table = (tmp_path / "q" / "table.md").read_text()
+    assert "fact EM (held-out phrasing)" in table and "composed / alone" in table
+    for png in ("quality.png", "loss_curves.png", "gate_weights.png"):
+        assert (tmp_path / "q" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ablations_change_one_thing_each_and_run(tmp_path, tiny_checkpoint):
+    s = QualitySettings.quick(seeds=(0,), methods=("MixDA",), ablations=True, stage1_steps=2, stage2_epochs=1,
+                              head_steps=2)
+    results = run_quality(tmp_path, s, tiny_checkpoint, echo=lambda *a: None)
+    names = [n for n in results["summary"] if n.startswith("ablation: ")]
+    assert len(names) == len(ABLATIONS) - 1
+    for n in names:
+        assert results["summary"][n]["stage2"]["accuracy"]["n"] == 1
+    m = ABLATIONS["no L_old"]
+    assert m.stage1 == {"old_weight": 0.0} and not m.config
+
+
+def test_a_seed_starts_every_run_from_the_same_place(tmp_path, tiny_checkpoint):
+    """The fresh head's weights and its fitting come from the seed, not from what ran before."""
+    from mixda_fast.benchmarks.quality_methods import seed_setup
+
+    s = QualitySettings.quick(head_steps=3)
+    a = seed_setup(1, s, tiny_checkpoint, tmp_path / "a")
+    torch.rand(7)                                                  # the global RNG moves on
+    b = seed_setup(1, s, tiny_checkpoint, tmp_path / "b")
+    assert a.base == b.base
+    for (n, p), (_, q) in zip(a.mlm.named_parameters(), b.mlm.named_parameters()):
+        assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(a.cls.named_parameters(), b.cls.named_parameters()):
+        assert torch.equal(p, q), n
