@@ -122,6 +122,8 @@ def _trainer_overrides(args: argparse.Namespace) -> dict:
               logging_steps=args.logging_steps, disable_tqdm=args.no_progress)
     if args.max_steps:
         kw["max_steps"] = args.max_steps
+    if args.warmup_steps:
+        kw["warmup_steps"] = args.warmup_steps
     if args.gradient_checkpointing:
         kw["gradient_checkpointing"] = True
     if args.save_steps:
@@ -417,6 +419,8 @@ def _add_train_options(p: argparse.ArgumentParser, command: str) -> None:
     t.add_argument("--max-steps", type=_int(0), default=0, help="stop after this many optimizer steps (0: epochs decide)")
     t.add_argument("--lr", type=_float(), default=None,
                    help=f"peak learning rate (default {both(lr, mode_lr, 'g')})")
+    t.add_argument("--warmup-steps", type=_int(0), default=0,
+                   help="linear warm-up steps (default 0; MixDA stage 2: --warmup-epochs)")
     t.add_argument("--weight-decay", type=_float(lo_open=False), default=0.05, help="AdamW weight decay (default 0.05, the paper's)")
     t.add_argument("--batch-size", type=_int(), default=16, help="examples per device per step (default 16)")
     t.add_argument("--grad-accum", type=_int(), default=1, help="gradient accumulation steps")
@@ -600,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "people, a 20-class task on held-out people, Python-docs text): MixDA (residual "
                                    "and paper mixing), PEFT LoRA at equal trainable parameters, full fine-tuning and "
                                    "the task adapter alone, same steps, several seeds. Prints one table (mean +- std), "
-                                   "writes table.md, results.json and PNG plots. About 30 minutes on 2 cores; "
+                                   "writes table.txt, results.json and PNG plots. About 30 minutes on 2 cores; "
                                    "--quick: under 5.")
     q.add_argument("--out", type=_output_dir, default="quality_out", help="output folder (default quality_out/)")
     q.add_argument("--quick", action="store_true", help="fewer classes, people and steps (under 5 minutes)")
@@ -611,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about 2 minutes per ablation and seed)")
     q.add_argument("--domains", action="store_true",
                    help="also two knowledge bases trained apart and composed: fact EM per domain, gate weights")
+    q.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="contenders of the main table to run (default all: 'MixDA' 'MixDA (paper mixing)' 'LoRA' "
+                        "'full fine-tuning' 'task adapter only')")
     q.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0, help="torch threads (0 = torch's default)")
     q.add_argument("--model", default=None, help="a local BERT-family checkpoint instead of MiniLM")
     q.set_defaults(func=_quality)

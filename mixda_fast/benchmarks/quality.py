@@ -18,7 +18,7 @@ own people, facts, task split and general text):
   mixing, sequence vs token gate, reduction factor 8/16/32, which layers.
 
 Figures are means over the seeds with their standard deviation. Writes ``results.json``,
-``table.md`` and PNG plots into the output folder.
+``table.txt`` (markdown) and PNG plots into the output folder.
 """
 
 from __future__ import annotations
@@ -55,9 +55,15 @@ ABLATIONS = {
     "L_old 'mse' (released code)": Method("mixda", stage1={"old_loss": "mse"}),
     "L_old 'relative'": Method("mixda", stage1={"old_loss": "relative"}),
     "L_old on unmasked general text": Method("mixda", stage1={"mask_general": False}),
-    "paper mixing, sequence gate": Method("mixda", {"mixing": "paper", "gate": "sequence"}),
-    "paper mixing, token gate": Method("mixda", {"mixing": "paper", "gate": "token"}),
+    "paper mixing, token gate": Method("mixda", {"mixing": "paper", "gate": "token"}),   # main row: sequence
     "paper mixing, released gate (768 x 4)": Method("mixda", {"mixing": "paper", "gate_hidden": 768, "gate_layers": 4}),
+    "paper mixing, gate lr 0.1x": Method("mixda", {"mixing": "paper"}, {"gate_learning_rate": 3e-4}),
+    "paper mixing, layers 2, 3": Method("mixda", {"mixing": "paper", "layers": [2, 3]}),
+    "paper mixing, L_old 'relative'": Method("mixda", {"mixing": "paper"}, {"old_loss": "relative"}),
+    "paper mixing, gate starts on the FFN (+4 logit)": Method("mixda", {"mixing": "paper"},
+                                                              settings={"gate_ffn_logit": 4.0}),
+    "stage 1: 200 steps": Method("mixda", settings={"stage1_steps": 200}),
+    "stage 2: lr 1e-3, 20 epochs": Method("mixda", settings={"lr_stage2_adapters": 1e-3, "stage2_epochs": 20}),
     "reduction factor 8": Method("mixda", {"reduction_factor": 8}),
     "reduction factor 32": Method("mixda", {"reduction_factor": 32}),
     "layers 2, 3 (the paper's 7, 11 of 24)": Method("mixda", {"layers": [2, 3]}),
@@ -93,6 +99,7 @@ class QualitySettings:
     gate_hidden: int = 64
     gate_layers: int = 2
     gate_lr: Optional[float] = None
+    gate_ffn_logit: float = 0.0       # paper mixing: added to the FFN's gate logit at init (an experiment)
     lr_mixda: float = 3e-3
     lr_lora: float = 1e-3
     lr_full: float = 1e-4
@@ -212,7 +219,7 @@ def run_quality(out_dir, settings: Optional[QualitySettings] = None, model_path:
     results["summary"] = {n: aggregate(rs) for n, rs in results["per_seed"].items()}
     results["total_seconds"] = time.perf_counter() - t0
     results["targets"] = [list(t) for t in check_targets(results)]
-    (out / "table.md").write_text(format_tables(results) + "\n\nTargets (means over the seeds):\n\n"
+    (out / "table.txt").write_text(format_tables(results) + "\n\nTargets (means over the seeds):\n\n"
                                   + format_targets(results) + "\n")
     results["plots"] = [p.name for p in plot_all(results, out)]
     with open(out / "results.json", "w") as f:
@@ -237,11 +244,17 @@ def main(args) -> int:
     kw = dict(ablations=args.ablations, domains=args.domains)
     if args.seeds is not None:
         kw["seeds"] = tuple(args.seeds)
+    if args.methods is not None:
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods {unknown[0]!r} is not accepted: expected names from "
+                             f"{' | '.join(map(repr, METHODS))}")
+        kw["methods"] = tuple(args.methods)
     s = QualitySettings.quick(**kw) if args.quick else replace(QualitySettings(), **kw)
     results = run_quality(args.out, s, args.model)
     print("\n" + format_tables(results))
     print("\ntargets (means over the seeds; measured here, never asserted in tests):\n" + format_targets(results))
     print(f"\nplots: {', '.join(str(Path(args.out) / p) for p in results['plots'])}; results: "
-          f"{Path(args.out) / 'results.json'}; table: {Path(args.out) / 'table.md'}")
+          f"{Path(args.out) / 'results.json'}; table: {Path(args.out) / 'table.txt'}")
     print(f"total time: {results['total_seconds']:.0f} s ({results['threads']} threads)")
     return 0

@@ -13,38 +13,14 @@ builds it).
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import torch
 
-from .quality_methods import Method, Seed, mixda_config, run_mixda_stage1, train_task
+from .quality_methods import Method, Seed, mean_gate_weights, mixda_config, run_mixda_stage1, train_task
 
-__all__ = ["run_domains", "gate_weights"]
+__all__ = ["run_domains"]
 
 DOMAIN_NAMES = ("places", "jobs")
-
-
-@contextmanager
-def gate_weights(model):
-    """Collects the softmax of every MixDA gate's output while the block runs: yields a list
-    that fills with (rows, E) tensors, one per gate call (rows: sequences or tokens)."""
-    from ..mixda.modules import MixDAGate
-
-    seen: list = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().float().softmax(-1)
-                                                                       .reshape(-1, out.shape[-1])))
-             for m in model.modules() if isinstance(m, MixDAGate)]
-    try:
-        yield seen
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _mean_weights(model, run) -> list:
-    with gate_weights(model) as seen:
-        run()
-    return torch.cat(seen).mean(0).tolist() if seen else []
 
 
 def _compose(s: Seed, settings, runs: dict):
@@ -104,9 +80,9 @@ def run_domains(s: Seed, settings, echo=print) -> dict:
     _train_gate(m, s, settings)
     composed = {d: fact_exact_match(m, s.tok, s.data.knowledge[d], **kw)["exact_match"] for d in DOMAIN_NAMES}
     experts = list(DOMAIN_NAMES) + (["FFN"] if settings.mixing == "paper" else [])
-    weights = {f"{d} facts": _mean_weights(m, lambda d=d: fact_exact_match(m, s.tok, s.data.knowledge[d], **kw))
+    weights = {f"{d} facts": mean_gate_weights(m, lambda d=d: fact_exact_match(m, s.tok, s.data.knowledge[d], **kw))
                for d in DOMAIN_NAMES}
-    weights["general text"] = _mean_weights(m, lambda: hidden_states(m, s.tok, s.data.general_eval, **kw))
+    weights["general text"] = mean_gate_weights(m, lambda: hidden_states(m, s.tok, s.data.general_eval, **kw))
     both = build_stage2_model(copy.deepcopy(s.cls), num_labels=len(s.data.labels),
                               domain_runs=[runs[d].output_dir for d in DOMAIN_NAMES])
     s2 = train_task(both, s, settings, settings.lr_stage2_adapters, "domains")

@@ -9,24 +9,27 @@ stage 2 on the task, and returns the measures of both stages.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 __all__ = ["Method", "Seed", "run_method", "stage1_measures", "seed_setup", "stage1_args", "train_task",
-           "mixda_config", "run_mixda_stage1"]
+           "mixda_config", "patched_copy", "run_mixda_stage1", "gate_weights", "mean_gate_weights"]
 
 
 @dataclass(frozen=True)
 class Method:
     """``kind``: "mixda", "lora", "full" or "adapter" (the task adapter alone). For MixDA,
     ``config`` overrides fields of the benchmark's MixDAConfig and ``stage1`` the keyword
-    arguments of ``run_stage1`` (``old_loss``, ``old_weight``, ``gate_learning_rate``)."""
+    arguments of ``run_stage1`` (``old_loss``, ``old_weight``, ``gate_learning_rate``,
+    ``mask_general``); ``settings`` overrides steps and learning rates for this contender."""
 
     kind: str
     config: dict = field(default_factory=dict)
     stage1: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)      # QualitySettings fields this contender changes
 
 
 @dataclass
@@ -46,17 +49,77 @@ class Seed:
     trainable: dict = field(default_factory=dict)     # MixDA's counts, for LoRA's rank
 
 
+@contextmanager
+def gate_weights(model):
+    """Collects the softmax of every MixDA gate's output while the block runs: yields a list
+    that fills with (rows, E) tensors, one per gate call (rows: sequences or tokens)."""
+    from ..mixda.modules import MixDAGate
+
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().float().softmax(-1)
+                                                                       .reshape(-1, out.shape[-1])))
+             for m in model.modules() if isinstance(m, MixDAGate)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def mean_gate_weights(model, run) -> list:
+    """The mean softmax weight of each expert over every gate call that ``run()`` makes."""
+    with gate_weights(model) as seen:
+        run()
+    return torch.cat(seen).mean(0).tolist() if seen else []
+
+
 def stage1_measures(model, s: Seed, settings) -> dict:
     """Fact exact-match (trained and held-out phrasings), drift and masked-LM loss on held-out
-    general text."""
-    from ..training.evaluate import fact_exact_match, general_drift, masked_lm_loss
+    general text; with paper mixing, the mean gate weight of the FFN (the last expert) on the
+    facts and on general text."""
+    from ..core.patch import is_patched
+    from ..mixda.patching import patch_config
+    from ..training.evaluate import fact_exact_match, general_drift, hidden_states, masked_lm_loss
 
     kw = dict(max_length=settings.eval_length)
-    return {"em_trained": fact_exact_match(model, s.tok, s.data.knowledge["places"], **kw)["exact_match"],
-            "em_held_out": fact_exact_match(model, s.tok, s.data.held_out["places"], **kw)["exact_match"],
-            "drift": general_drift(model, s.tok, s.data.general_eval, s.ref, measure="cosine", **kw),
-            "drift_relative": general_drift(model, s.tok, s.data.general_eval, s.ref, **kw),
-            "mlm_loss": masked_lm_loss(model, s.tok, s.data.general_eval, seed=s.seed, **kw)}
+    facts = s.data.knowledge["places"]
+    out = {"em_trained": fact_exact_match(model, s.tok, facts, **kw)["exact_match"],
+           "em_held_out": fact_exact_match(model, s.tok, s.data.held_out["places"], **kw)["exact_match"],
+           "drift": general_drift(model, s.tok, s.data.general_eval, s.ref, measure="cosine", **kw),
+           "drift_relative": general_drift(model, s.tok, s.data.general_eval, s.ref, **kw),
+           "mlm_loss": masked_lm_loss(model, s.tok, s.data.general_eval, seed=s.seed, **kw)}
+    if is_patched(model) and patch_config(model).mixing == "paper":
+        out["gate_ffn_facts"] = mean_gate_weights(model, lambda: fact_exact_match(model, s.tok, facts, **kw))[-1]
+        out["gate_ffn_general"] = mean_gate_weights(
+            model, lambda: hidden_states(model, s.tok, s.data.general_eval, **kw))[-1]
+    return out
+
+
+def patched_copy(s: Seed, settings, method: Method, domain: str = "places"):
+    """A copy of the seed's masked LM patched for ``method`` (seeded), before any training.
+    ``settings.gate_ffn_logit`` (paper mixing; the experiment of issue 12, item 4) raises the
+    FFN's gate logit, so that paper mixing starts near the unpatched model instead of halving
+    every patched FFN."""
+    from ..core.patch import patch_model
+    from ..mixda.patching import mixda_modules
+
+    m = copy.deepcopy(s.mlm)
+    torch.manual_seed(s.seed)
+    config = mixda_config(settings, method.config, [domain])
+    patch_model(m, config)
+    if settings.gate_ffn_logit and config.mixing == "paper":
+        with torch.no_grad():
+            for layer in mixda_modules(m).values():
+                layer.gate[-1].bias[-1] += settings.gate_ffn_logit
+    return m
+
+
+def at_init_mlm_loss(s: Seed, settings, method: Method) -> float:
+    """The masked-LM loss on held-out general text of the model just patched (before training)."""
+    from ..training.evaluate import masked_lm_loss
+
+    m = patched_copy(s, settings, method).eval()
+    return masked_lm_loss(m, s.tok, s.data.general_eval, seed=s.seed, max_length=settings.eval_length)
 
 
 def seed_setup(seed: int, settings, path: str, out: Path) -> Seed:
@@ -122,13 +185,12 @@ def run_mixda_stage1(s: Seed, settings, method: Method, name: str, domain: str =
     """Stage 1 of a MixDA contender on ``domain``'s knowledge; returns (model, result)."""
     from ..training.mixda_stage1 import run_stage1
 
-    m = copy.deepcopy(s.mlm)
+    m = patched_copy(s, settings, method, domain)
     kw = dict(old_loss=settings.old_loss, old_weight=1.0, gate_learning_rate=settings.gate_lr,
               mask_general=settings.mask_general)
     kw.update(method.stage1)
-    torch.manual_seed(s.seed)
     res = run_stage1(m, s.tok, s.data.knowledge[domain], s.out / name / f"stage1_{domain}",
-                     general=s.data.general_train, domain=domain, config=mixda_config(settings, method.config, [domain]),
+                     general=s.data.general_train, domain=domain,
                      max_length=settings.max_length, general_batch_size=settings.general_batch,
                      training_args=stage1_args(settings, settings.lr_mixda, s.seed), base_model_path=s.path, **kw)
     return m, res
@@ -141,6 +203,7 @@ def run_method(name: str, method: Method, s: Seed, settings) -> dict:
     from ..training.baselines import lora_config, lora_rank_for, train_masked_lm
     from ..training.mixda_stage2 import build_stage2_model
 
+    settings = replace(settings, **method.settings)
     cls = copy.deepcopy(s.cls)
     if method.kind == "adapter":
         return {"stage1": None, "stage2": train_task(build_stage2_model(cls, num_labels=len(s.data.labels)), s, settings,
@@ -148,7 +211,8 @@ def run_method(name: str, method: Method, s: Seed, settings) -> dict:
     if method.kind == "mixda":
         m, res = run_mixda_stage1(s, settings, method, name)
         s1 = stage1_measures(m, s, settings)
-        s1.update(step_time=res.timer.median(), trainable=count_parameters(m)[0], history=res.log_history)
+        s1.update(step_time=res.timer.median(), trainable=count_parameters(m)[0], history=res.log_history,
+                  mlm_loss_at_init=at_init_mlm_loss(s, settings, method))
         del m
         model = build_stage2_model(cls, num_labels=len(s.data.labels), domain_runs=[res.output_dir])
         s2 = train_task(model, s, settings, settings.lr_stage2_adapters, name)

@@ -42,6 +42,20 @@ def main_table(results: dict) -> str:
     return _table(head, rows)
 
 
+def mixda_table(results: dict) -> str:
+    """MixDA's diagnostics: general masked-LM loss just patched and after stage 1; with paper
+    mixing, the mean gate weight of the FFN on the facts and on general text."""
+    head = ["MixDA contender", "MLM loss, general: patched, untrained", "after stage 1",
+            "gate weight of the FFN: facts", "general text"]
+    rows = []
+    for name, r in results["summary"].items():
+        s1 = r["stage1"] or {}
+        if "mlm_loss_at_init" in s1:
+            rows.append([name, _cell(s1["mlm_loss_at_init"], "{:.2f}"), _cell(s1["mlm_loss"], "{:.2f}"),
+                         _cell(s1.get("gate_ffn_facts")), _cell(s1.get("gate_ffn_general"))])
+    return _table(head, rows) if rows else ""
+
+
 def domains_table(results: dict) -> str:
     """Per domain: fact EM alone and composed (mean over seeds), and the mean gate weights."""
     runs = results["domains"]
@@ -69,6 +83,8 @@ def format_tables(results: dict) -> str:
              f"{3 * s['train_per_class']} training sentences per class; stage 1: {s['stage1_steps']} steps; "
              f"stage 2: {s['stage2_epochs']} epochs; {results['threads']} threads",
              main_table(results)]
+    if mixda_table(results):
+        parts.append("MixDA diagnostics (gate weight: residual mixing has no FFN expert):\n\n" + mixda_table(results))
     if results["domains"]:
         parts.append("Several domains (each trained alone, then composed; gate trained on both):\n\n"
                      + domains_table(results))

@@ -10,7 +10,7 @@ import transformers as tf
 
 from mixda_fast.benchmarks.quality import ABLATIONS, METHODS, QualitySettings, aggregate, run_quality
 from mixda_fast.benchmarks.quality_data import DOMAINS, build_quality_data
-from mixda_fast.benchmarks.quality_domains import gate_weights
+from mixda_fast.benchmarks.quality_methods import gate_weights
 from mixda_fast.cli import main
 from mixda_fast.training.data import load_knowledge, load_task
 from mixda_fast.training.runs import minilm_path
@@ -93,7 +93,7 @@ def test_quick_mode_runs_end_to_end_and_writes_table_and_plots(tmp_path, tiny_ch
     assert len(results["domains"]) == 3 and set(results["domains"][0]["composed"]) == {"places", "jobs"}
     for w in results["domains"][0]["gate_weights"].values():
         assert sum(w) == pytest.approx(1.0, abs=1e-5)
-    table = (tmp_path / "q" / "table.md").read_text()
+    table = (tmp_path / "q" / "table.txt").read_text()
     assert "fact EM (held-out phrasing)" in table and "composed / alone" in table
     for png in ("quality.png", "loss_curves.png", "gate_weights.png"):
         assert (tmp_path / "q" / png).read_bytes()[:4] == b"\x89PNG"
@@ -124,3 +124,10 @@ def test_a_seed_starts_every_run_from_the_same_place(tmp_path, tiny_checkpoint):
         assert torch.equal(p, q), n
     for (n, p), (_, q) in zip(a.cls.named_parameters(), b.cls.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_unknown_contender_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["quality", "--methods", "MixDA", "LoRA++", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "--methods 'LoRA++' is not accepted" in err and "'task adapter only'" in err
+    assert not (tmp_path / "q").exists()
