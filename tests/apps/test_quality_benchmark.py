@@ -13,22 +13,8 @@ from mixda_fast.benchmarks.quality_data import DOMAINS, build_quality_data
 from mixda_fast.benchmarks.quality_methods import gate_weights
 from mixda_fast.cli import main
 from mixda_fast.training.data import load_knowledge, load_task
-from mixda_fast.training.runs import minilm_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """Six layers (the ablations name layers up to 5), 32 wide, MiniLM's vocabulary."""
-    path = tmp_path_factory.mktemp("tiny")
-    tok = tf.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    config = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                           num_attention_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    tf.BertForMaskedLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def test_quality_data_hold_out_a_phrasing_and_people(tmp_path):
