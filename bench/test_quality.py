@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from mixda_fast.benchmarks.quality import METHODS, QualitySettings, aggregate, check_targets
+from mixda_fast.benchmarks.quality import METHODS, QualitySettings, aggregate, check_targets, folder_name
 from mixda_fast.benchmarks.quality_methods import run_method, seed_setup
 from mixda_fast.training.runs import minilm_path
 
@@ -35,7 +35,7 @@ def seeds(pytestconfig, tmp_path_factory):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_quality(benchmark, name, seeds):
     s = _state["settings"]
-    per_seed = benchmark.pedantic(lambda: [run_method(name.replace(" ", "_"), METHODS[name], sd, s) for sd in seeds],
+    per_seed = benchmark.pedantic(lambda: [run_method(folder_name(name), METHODS[name], sd, s) for sd in seeds],
                                   rounds=1, iterations=1)
     summary = _state["summary"][name] = aggregate(per_seed)
     benchmark.extra_info["seeds"] = list(s.seeds)

@@ -189,6 +189,9 @@ def _resolve_method_options(args: argparse.Namespace) -> None:
                          f"option{'s' if len(foreign) > 1 else ''}, not accepted with --method {method}; {hint}. "
                          f"{_METHOD_NAMES[method]} options: "
                          f"{', '.join(f for f, _, _ in _ONLY[(command, method)])}")
+    if getattr(args, "warmup_epochs", None) is not None and args.warmup_steps:
+        raise ValueError(f"--warmup-steps {args.warmup_steps} is not accepted with --warmup-epochs "
+                         f"{args.warmup_epochs:g}: give one of the two")
     for _, dest, default in _ONLY[(command, method)]:
         if getattr(args, dest, None) is None:
             setattr(args, dest, default)
@@ -603,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="On the MiniLM checkpoint and generated data (knowledge bases about invented "
                                    "people, a 20-class task on held-out people, Python-docs text): MixDA (residual "
                                    "and paper mixing), PEFT LoRA at equal trainable parameters, full fine-tuning and "
-                                   "the task adapter alone, same steps, several seeds. Prints one table (mean +- std), "
-                                   "writes table.txt, results.json and PNG plots. About 30 minutes on 2 cores; "
+                                   "the task adapter alone, same steps, several seeds. Prints the tables (mean +- std) "
+                                   "and the targets, writes table.txt, results.json and PNG plots. About 30 minutes on 2 cores; "
                                    "--quick: under 5.")
     q.add_argument("--out", type=_output_dir, default="quality_out", help="output folder (default quality_out/)")
     q.add_argument("--quick", action="store_true", help="fewer classes, people and steps (under 5 minutes)")

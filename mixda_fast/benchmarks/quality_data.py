@@ -60,7 +60,7 @@ class QualityData:
     facts: dict               # domain -> number of trained facts
 
 
-def _facts(domain: Domain, value: dict, phrasings) -> list:
+def _facts(value: dict, phrasings) -> list:
     return [{"prompt": t.format(name=p), "targets": [value[p]]} for p in value for t in phrasings]
 
 
@@ -87,10 +87,10 @@ def build_quality_data(out_dir, *, classes: int = 20, train_per_class: int = 3, 
     knowledge, held_out, facts = {}, {}, {}
     for name, value in (("places", city), ("jobs", job)):
         d = DOMAINS[name]
-        rows = _facts(d, value, d.facts[:-1])
+        rows = _facts(value, d.facts[:-1])
         rng.shuffle(rows)
         knowledge[name] = _write_json(out / f"knowledge_{name}.json", rows)
-        held_out[name] = _write_json(out / f"knowledge_{name}_held_out.json", _facts(d, value, d.facts[-1:]))
+        held_out[name] = _write_json(out / f"knowledge_{name}_held_out.json", _facts(value, d.facts[-1:]))
         facts[name] = len(rows)
     order = people[:]
     rng.shuffle(order)

@@ -29,6 +29,7 @@ def _compose(s: Seed, settings, runs: dict):
     from ..mixda.saving import load_adapters
 
     m = copy.deepcopy(s.mlm)
+    torch.manual_seed(s.seed)                           # the fresh gate's initialisation
     patch_model(m, mixda_config(settings, {}, domains=list(runs)))
     for name, res in runs.items():
         load_adapters(m, res.output_dir / res.files["domain_adapter"], domain=name)
@@ -83,11 +84,13 @@ def run_domains(s: Seed, settings, echo=print) -> dict:
     weights = {f"{d} facts": mean_gate_weights(m, lambda d=d: fact_exact_match(m, s.tok, s.data.knowledge[d], **kw))
                for d in DOMAIN_NAMES}
     weights["general text"] = mean_gate_weights(m, lambda: hidden_states(m, s.tok, s.data.general_eval, **kw))
+    torch.manual_seed(s.seed)                           # the task adapter's and classifier's initialisation
     both = build_stage2_model(copy.deepcopy(s.cls), num_labels=len(s.data.labels),
                               domain_runs=[runs[d].output_dir for d in DOMAIN_NAMES])
     s2 = train_task(both, s, settings, settings.lr_stage2_adapters, "domains")
     echo(f"  domains: EM alone {alone}, composed {composed}; gate weights ({', '.join(experts)}): "
          + "; ".join(f"{k} {[round(w, 3) for w in v]}" for k, v in weights.items())
          + f"; task acc with both {s2['accuracy']:.3f}")
-    return {"alone": alone, "composed": composed, "experts": experts, "gate_weights": weights,
+    ratio = {d: composed[d] / alone[d] if alone[d] > 0 else None for d in DOMAIN_NAMES}
+    return {"alone": alone, "composed": composed, "ratio": ratio, "experts": experts, "gate_weights": weights,
             "stage2_both": {k: v for k, v in s2.items() if k != "history"}}

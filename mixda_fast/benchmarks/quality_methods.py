@@ -205,6 +205,7 @@ def run_method(name: str, method: Method, s: Seed, settings) -> dict:
 
     settings = replace(settings, **method.settings)
     cls = copy.deepcopy(s.cls)
+    torch.manual_seed(s.seed)           # new modules (LoRA, the task adapter) start the same whatever ran before
     if method.kind == "adapter":
         return {"stage1": None, "stage2": train_task(build_stage2_model(cls, num_labels=len(s.data.labels)), s, settings,
                                                   settings.lr_stage2_adapters, name)}
@@ -223,7 +224,10 @@ def run_method(name: str, method: Method, s: Seed, settings) -> dict:
     m = copy.deepcopy(s.mlm)
     rank = None
     if method.kind == "lora":
-        rank = lora_rank_for(m, s.trainable.get("stage1", 0)) if s.trainable else settings.lora_rank
+        if not s.trainable:
+            raise ValueError("LoRA takes its rank from MixDA's trainable parameters: run the 'MixDA' contender "
+                             "of this seed first")
+        rank = lora_rank_for(m, s.trainable["stage1"])
         pm = peft.get_peft_model(m, lora_config(rank, extra="bench"))
         trained = pm.base_model.model
         lr = settings.lr_lora
@@ -237,11 +241,13 @@ def run_method(name: str, method: Method, s: Seed, settings) -> dict:
     s1 = stage1_measures(trained, s, settings)
     s1.update(step_time=res.timer.median(), trainable=count_parameters(trained)[0], history=res.log_history)
     encoder = pm.merge_and_unload() if method.kind == "lora" else m
-    cls.base_model.load_state_dict(encoder.base_model.state_dict(), strict=False)
+    missing, unexpected = cls.base_model.load_state_dict(encoder.base_model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):   # only the classifier's pooler is its own
+        raise RuntimeError(f"stage 1's encoder does not fit the classifier: missing {missing}, unexpected {unexpected}")
     del m, encoder
     if method.kind == "lora":
         head = sum(p.numel() for p in cls.classifier.parameters())
-        rank2 = lora_rank_for(cls, s.trainable["stage2"], extra=head) if s.trainable else settings.lora_rank
+        rank2 = lora_rank_for(cls, s.trainable["stage2"], extra=head)
         cls = peft.get_peft_model(cls, lora_config(rank2, "SEQ_CLS", ["classifier"], extra="bench"))
         rank = [rank, rank2]
         return {"stage1": s1, "stage2": train_task(cls, s, settings, settings.lr_stage2_lora, name), "rank": rank}

@@ -64,11 +64,13 @@ def domains_table(results: dict) -> str:
     import statistics
 
     def ms(values):
-        return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
+        if None in values:
+            return "-"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
     experts = runs[0]["experts"]
     rows = [[f"fact EM, {d}", ms([r["alone"][d] for r in runs]), ms([r["composed"][d] for r in runs]),
-             ms([r["composed"][d] / max(r["alone"][d], 1e-9) for r in runs])] for d in runs[0]["alone"]]
+             ms([r["ratio"][d] for r in runs])] for d in runs[0]["alone"]]
     t1 = _table(["measure", "alone", "composed", "composed / alone"], rows)
     rows = [[text] + [ms([r["gate_weights"][text][i] for r in runs]) for i in range(len(experts))]
             for text in runs[0]["gate_weights"]]

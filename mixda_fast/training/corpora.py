@@ -39,6 +39,7 @@ def general_sentences(limit: int, seed: int = 0) -> list[str]:
             words = sent.split()
             if 6 <= len(words) <= 30 and not re.search(r"[=*<>{}\[\]:|]{1}|::=|\*\*\*", sent):
                 out.append(sent.strip().lower())
+    out = list(dict.fromkeys(out))      # the topics repeat sentences: held-out text must not be trained text
     rng = random.Random(seed)
     rng.shuffle(out)
     return out[:limit]

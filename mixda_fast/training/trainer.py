@@ -122,9 +122,11 @@ class StepTimer(transformers.TrainerCallback):
             self.times.append(time.perf_counter() - self._t0)
             self._t0 = None
 
-    def median(self, skip: int = 2) -> float:
+    def median(self, skip: int = 2) -> Optional[float]:
+        """The median step time after ``skip`` warm-up steps (all steps when there are no more;
+        None when no step was timed)."""
         t = self.times[skip:] if len(self.times) > skip else self.times
-        return float(np.median(t)) if t else float("nan")
+        return float(np.median(t)) if t else None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

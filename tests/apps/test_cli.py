@@ -139,3 +139,12 @@ def test_stage1_progress_shows_both_losses_and_mask_general_is_recorded(tmp_path
     assert len(progress) == 2 and all("'loss_old'" in line for line in progress)
     run = json.loads((tmp_path / "s1" / "mixda_run.json").read_text())
     assert run["mask_general"] is True
+
+
+def test_stage2_refuses_warmup_steps_with_warmup_epochs(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "ckpt")
+    task = write_jsonl(tmp_path / "task.jsonl", easy_task_rows())
+    assert main(["stage2", "--model", ckpt, "--train", str(task), "--output", str(tmp_path / "s2"),
+                 "--warmup-steps", "3", "--warmup-epochs", "1"]) == 2
+    assert "--warmup-steps 3 is not accepted with --warmup-epochs 1: give one of the two" in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists()

@@ -40,8 +40,9 @@ def test_quality_data_hold_out_a_phrasing_and_people(tmp_path):
 def test_aggregate_is_mean_and_spread_over_seeds():
     rows = [{"stage1": {"em": 1.0}, "stage2": {"acc": 0.5}}, {"stage1": {"em": 0.0}, "stage2": {"acc": 0.7}}]
     out = aggregate(rows)
-    assert out["stage1"]["em"] == {"mean": 0.5, "std": 0.5, "n": 2}
-    assert out["stage2"]["acc"]["mean"] == pytest.approx(0.6) and out["stage2"]["acc"]["std"] == pytest.approx(0.1)
+    assert out["stage1"]["em"] == {"mean": 0.5, "std": pytest.approx(0.5 ** 0.5), "n": 2}       # sample std
+    assert out["stage2"]["acc"]["mean"] == pytest.approx(0.6) and out["stage2"]["acc"]["std"] == pytest.approx(0.02 ** 0.5)
+    assert aggregate([{"stage1": {"em": 0.3}, "stage2": None}])["stage1"]["em"]["std"] == 0.0
     assert aggregate([{"stage1": None, "stage2": {"acc": 1.0}}])["stage1"] is None
 
 
@@ -93,8 +94,10 @@ def test_ablations_change_one_thing_each_and_run(tmp_path, tiny_checkpoint):
     assert len(names) == len(ABLATIONS) - 1
     for n in names:
         assert results["summary"][n]["stage2"]["accuracy"]["n"] == 1
-    m = ABLATIONS["no L_old"]
-    assert m.stage1 == {"old_weight": 0.0} and not m.config
+    for name, m in ABLATIONS.items():                  # one change of the recipe (or of paper mixing)
+        changes = {**m.config, **m.stage1, **m.settings}
+        paper = changes.pop("mixing", None) == "paper"
+        assert len(changes) == (0 if name == "recipe" or (paper and not name.startswith("paper mixing,")) else 1), name
 
 
 def test_a_seed_starts_every_run_from_the_same_place(tmp_path, tiny_checkpoint):
@@ -117,3 +120,56 @@ def test_unknown_contender_is_refused_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--methods 'LoRA++' is not accepted" in err and "'task adapter only'" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_contenders_do_not_depend_on_what_ran_before(tmp_path, tiny_checkpoint):
+    """New modules (the task adapter, LoRA) are seeded per contender: the same numbers whether or
+    not something used the global RNG first."""
+    from mixda_fast.benchmarks.quality_methods import run_method, seed_setup
+
+    s = QualitySettings.quick(head_steps=2, stage2_epochs=1)
+    sd = seed_setup(0, s, tiny_checkpoint, tmp_path)
+    a = run_method("a", METHODS["task adapter only"], sd, s)["stage2"]
+    torch.rand(11)
+    b = run_method("b", METHODS["task adapter only"], sd, s)["stage2"]
+    assert [a[k] for k in ("accuracy", "macro_f1", "train_accuracy")] == \
+        [b[k] for k in ("accuracy", "macro_f1", "train_accuracy")]
+    assert [h.get("loss") for h in a["history"]] == [h.get("loss") for h in b["history"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "LoRA"], "LoRA takes its rank from MixDA's trainable parameters; add 'MixDA'"),
+    (["--seeds", "0", "0"], "--seeds 0 0 is not accepted: expected distinct seeds"),
+    (["--model", "/no/such/folder"], "--model '/no/such/folder' is not accepted: expected a local checkpoint"),
+])
+def test_bad_quality_arguments_are_refused_before_any_work(tmp_path, capsys, args, message):
+    assert main(["quality", *args, "--out", str(tmp_path / "q")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_quality_settings_are_checked():
+    with pytest.raises(ValueError, match="QualitySettings.classes"):
+        QualitySettings(classes=21)
+    with pytest.raises(ValueError, match="distinct seeds"):
+        QualitySettings(seeds=(1, 1))
+    with pytest.raises(ValueError, match="QualitySettings.methods"):
+        QualitySettings(methods=("MixDA", "LoRA++"))
+    assert QualitySettings(methods=("LoRA", "MixDA")).methods == ("MixDA", "LoRA")     # MixDA sets LoRA's rank
+
+
+def test_domain_ratio_is_not_measured_when_a_domain_learned_nothing_alone():
+    from mixda_fast.benchmarks.quality import check_targets
+
+    run = {"alone": {"places": 0.0, "jobs": 1.0}, "composed": {"places": 0.5, "jobs": 0.96},
+           "ratio": {"places": None, "jobs": 0.96}}
+    targets = {t: ok for t, _, ok in check_targets({"summary": {}, "domains": [run]})}
+    assert targets["several domains: fact EM on 'places' composed >= 0.95 x alone"] is None
+    assert targets["several domains: fact EM on 'jobs' composed >= 0.95 x alone"] is True
+
+
+def test_general_sentences_are_distinct():
+    from mixda_fast.training.corpora import general_sentences
+
+    s = general_sentences(700)
+    assert len(s) == 700 and len(set(s)) == 700
