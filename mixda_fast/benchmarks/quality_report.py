@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["format_tables", "plot_all"]
+__all__ = ["format_tables", "plot_all", "ablations_table"]
 
 
 def _cell(stat, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
@@ -24,6 +24,30 @@ def _params(stat) -> str:
     return "-" if not stat else f"{stat['mean'] / 1e6:.2f}M"
 
 
+ABLATION = "ablation: "
+
+
+def _contenders(results: dict, ablations: bool = False) -> list:
+    """(name, summary) of the main table's contenders, or of the ablations (names without prefix)."""
+    return [(n[len(ABLATION):] if ablations else n, r) for n, r in results["summary"].items()
+            if n.startswith(ABLATION) == ablations]
+
+
+def ablations_table(results: dict) -> str:
+    """The recipe ("MixDA") and each ablation: what stage 1 learned and kept, what stage 2 reached."""
+    head = ["MixDA, changed from the recipe", "fact EM (trained)", "fact EM (held-out)", "drift (1 - cos)",
+            "MLM loss, general", "task acc", "task train acc", "gate weight of the FFN: facts", "general text"]
+    recipe = [("recipe (residual mixing, every layer)", results["summary"]["MixDA"])] \
+        if "MixDA" in results["summary"] else []
+    rows = []
+    for name, r in recipe + _contenders(results, ablations=True):
+        s1, s2 = r["stage1"] or {}, r["stage2"]
+        rows.append([name, _cell(s1.get("em_trained")), _cell(s1.get("em_held_out")), _cell(s1.get("drift"), "{:.4f}"),
+                     _cell(s1.get("mlm_loss"), "{:.2f}"), _cell(s2["accuracy"]), _cell(s2["train_accuracy"]),
+                     _cell(s1.get("gate_ffn_facts")), _cell(s1.get("gate_ffn_general"))])
+    return _table(head, rows) if len(rows) > len(recipe) else ""
+
+
 def main_table(results: dict) -> str:
     """One row per contender: stage-1 and stage-2 measures, mean ± std over the seeds."""
     head = ["method", "fact EM (trained)", "fact EM (held-out phrasing)", "drift (1 - cos)", "drift (relative)",
@@ -32,7 +56,7 @@ def main_table(results: dict) -> str:
     b = results["base"]["summary"]
     rows = [["base model (no training)", _cell(b["em_trained"]), _cell(b["em_held_out"]), "0", "0",
              _cell(b["mlm_loss"], "{:.2f}")] + ["-"] * 7]
-    for name, r in results["summary"].items():
+    for name, r in _contenders(results):
         s1, s2 = r["stage1"] or {}, r["stage2"]
         rows.append([name, _cell(s1.get("em_trained")), _cell(s1.get("em_held_out")),
                      _cell(s1.get("drift"), "{:.4f}"), _cell(s1.get("drift_relative")),
@@ -48,7 +72,7 @@ def mixda_table(results: dict) -> str:
     head = ["MixDA contender", "MLM loss, general: patched, untrained", "after stage 1",
             "gate weight of the FFN: facts", "general text"]
     rows = []
-    for name, r in results["summary"].items():
+    for name, r in _contenders(results):
         s1 = r["stage1"] or {}
         if "mlm_loss_at_init" in s1:
             rows.append([name, _cell(s1["mlm_loss_at_init"], "{:.2f}"), _cell(s1["mlm_loss"], "{:.2f}"),
@@ -87,6 +111,8 @@ def format_tables(results: dict) -> str:
              main_table(results)]
     if mixda_table(results):
         parts.append("MixDA diagnostics (gate weight: residual mixing has no FFN expert):\n\n" + mixda_table(results))
+    if ablations_table(results):
+        parts.append("Ablations (each changes one thing of the recipe):\n\n" + ablations_table(results))
     if results["domains"]:
         parts.append("Several domains (each trained alone, then composed; gate trained on both):\n\n"
                      + domains_table(results))

@@ -94,9 +94,18 @@ def test_ablations_change_one_thing_each_and_run(tmp_path, tiny_checkpoint):
     assert len(names) == len(ABLATIONS) - 1
     for n in names:
         assert results["summary"][n]["stage2"]["accuracy"]["n"] == 1
+    table = (tmp_path / "table.txt").read_text()
+    ablations = table.split("Ablations (each changes one thing of the recipe):")[1]
+    rows = [line for line in ablations.split("\n\n")[1].splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["recipe (residual mixing, every layer)"] + \
+        [n for n in ABLATIONS if n != "recipe"]
+    assert not any(line.startswith("| ablation: ") for line in table.splitlines())   # not in the main table
     for name, m in ABLATIONS.items():                  # one change of the recipe (or of paper mixing)
         changes = {**m.config, **m.stage1, **m.settings}
         paper = changes.pop("mixing", None) == "paper"
+        for one in (("gate_hidden", "gate_layers"), ("lr_stage2_adapters", "stage2_epochs")):   # one thing each
+            if one[0] in changes:
+                changes.pop(one[1])
         assert len(changes) == (0 if name == "recipe" or (paper and not name.startswith("paper mixing,")) else 1), name
 
 
