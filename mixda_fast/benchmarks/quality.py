@@ -110,17 +110,11 @@ class QualitySettings:
     domains: bool = False
 
     def __post_init__(self):
-        from ..core.validate import check_choice, check_int
+        from ..core.validate import check_int
         from .quality_data import DOMAINS
 
-        for m in self.methods:
-            check_choice("QualitySettings.methods", m, list(METHODS))
-        if "LoRA" in self.methods and "MixDA" not in self.methods:
-            raise ValueError(f"QualitySettings.methods {list(self.methods)!r} is not accepted: LoRA takes its rank "
-                             "from MixDA's trainable parameters, so 'MixDA' must run too")
+        check_contenders(self.methods, self.seeds, "QualitySettings.methods", "QualitySettings.seeds")
         self.methods = tuple(m for m in METHODS if m in self.methods)       # MixDA before LoRA
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"QualitySettings.seeds {list(self.seeds)!r} is not accepted: expected distinct seeds")
         check_int("QualitySettings.classes", self.classes, 2, len(DOMAINS["places"].values))
 
     @classmethod
@@ -132,6 +126,20 @@ class QualitySettings:
                     stage2_epochs=6, stage2_batch=8)
         base.update(kw)
         return cls(**base)
+
+
+def check_contenders(methods, seeds, where_methods: str, where_seeds: str) -> None:
+    """Contender names from :data:`METHODS` (LoRA only with MixDA: its rank comes from MixDA's
+    trainable parameters) and distinct seeds; ``where_*`` name the arguments in the error."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"{where_methods} {unknown[0]!r} is not accepted: expected names from "
+                         f"{' | '.join(map(repr, METHODS))}")
+    if "LoRA" in methods and "MixDA" not in methods:
+        raise ValueError(f"{where_methods} {' '.join(map(repr, methods))} is not accepted: LoRA takes its rank "
+                         "from MixDA's trainable parameters; add 'MixDA'")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where_seeds} {' '.join(map(str, seeds))} is not accepted: expected distinct seeds")
 
 
 def folder_name(contender: str) -> str:
@@ -265,16 +273,9 @@ def main(args) -> int:
     if args.seeds is not None:
         kw["seeds"] = tuple(args.seeds)
     if args.methods is not None:
-        unknown = [m for m in args.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"--methods {unknown[0]!r} is not accepted: expected names from "
-                             f"{' | '.join(map(repr, METHODS))}")
-        if "LoRA" in args.methods and "MixDA" not in args.methods:
-            raise ValueError(f"--methods {' '.join(map(repr, args.methods))} is not accepted: LoRA takes its rank "
-                             "from MixDA's trainable parameters; add 'MixDA'")
         kw["methods"] = tuple(args.methods)
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))} is not accepted: expected distinct seeds")
+    check_contenders(kw.get("methods", QualitySettings.methods), kw.get("seeds", QualitySettings.seeds), "--methods",
+                     "--seeds")
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model {args.model!r} is not accepted: expected a local checkpoint folder with a "
                          "config.json (a BERT-family masked LM)")
