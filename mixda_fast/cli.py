@@ -11,7 +11,8 @@
   fine-tuning (table + plots);
 - ``quality``: the quality benchmark: knowledge in, nothing forgotten, against full fine-tuning,
   LoRA and the task adapter alone, over several seeds (``--ablations``, ``--domains``);
-- ``bench``: layer speed against the plain FFN; ``info``: what was built.
+- ``bench``: layer speed against the plain FFN; ``info``: what was built;
+- ``import-released`` / ``export-released``: checkpoints of the released MixDA code, in and out.
 
 Data errors print one line naming the file, the 1-based line and the field, and exit with status 2.
 """
@@ -626,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_quality)
     i = sub.add_parser("info", help="what was built and why anything is missing")
     i.set_defaults(func=_info)
+    from .training import released_commands
+
+    released_commands.add_parsers(sub)           # import-released, export-released
     return p
 
 

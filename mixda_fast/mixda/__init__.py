@@ -2,7 +2,7 @@
 
 K domain adapters in parallel with each chosen FFN and a softmax gate mixing them
 (:class:`~.layer.MixDAFFN`), patched in place (:mod:`.patching`), saved per domain
-(:mod:`.saving`), trained in two stages (:mod:`.trainable`, :mod:`mixda_fast.training`).
+(:mod:`.saving`; the released code's checkpoints in and out: :mod:`.released`), trained in two stages (:mod:`.trainable`, :mod:`mixda_fast.training`).
 Importing this package registers the method with the core, so ``patch_model(model,
 MixDAConfig(...))`` lands in :func:`.patching.patch_mixda`.
 """
@@ -11,10 +11,12 @@ from ..core.patch import Method, register_method
 from .config import MixDAConfig
 from .layer import MixDAFFN
 from .patching import adapters_disabled, mixda_modules, patch_mixda
+from .released import export_released, import_released, released_config
 from .saving import load_adapters, save_adapters
 from .trainable import STAGES, unfreeze
 
-__all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters"]
+__all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters",
+           "import_released", "export_released", "released_config"]
 
 register_method(Method(
     name="mixda", title="MixDA", config_class=MixDAConfig, patch=patch_mixda, stages=STAGES, unfreeze=unfreeze,
