@@ -96,10 +96,13 @@ def _parse(path: Path, fn: str) -> _Checkpoint:
                              "'{layer}-adapter' or '{layer}-gating' (the released save_knowledge_adapter's keys)")
         if m[2] is not None and m[3] == "gating":
             raise ValueError(f"{fn}: {ck.where()} has key {key!r}; expected '{{layer}}-gating' for a gate")
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                                  for k, t in value.items()):
-            raise ValueError(f"{fn}: {ck.where(key)} holds {type(value).__name__}; expected a state dict "
+        if not isinstance(value, dict):
+            raise ValueError(f"{fn}: {ck.where(key)} holds a {type(value).__name__}; expected a state dict "
                              "(parameter name -> tensor)")
+        bad = next(((k, t) for k, t in value.items() if not (isinstance(k, str) and isinstance(t, torch.Tensor))), None)
+        if bad is not None:
+            raise ValueError(f"{fn}: {ck.where(key)} entry {bad[0]!r} is a {type(bad[1]).__name__}; expected a "
+                             "tensor (a state dict maps parameter names to tensors)")
         layer = int(m[1])
         if m[3] == "gating":
             ck.gates[layer] = value
@@ -179,7 +182,7 @@ def released_config(files: Files, domains: Optional[Sequence[str]] = None, **ove
         if "linear.1.weight" in gate and gate["linear.1.weight"].dim() == 2:
             cfg.update(gate_layers=len(linears), gate_hidden=gate["linear.1.weight"].shape[0])
     if domains is not None:
-        if isinstance(domains, (str, bytes)) or len(domains) != K:
+        if not isinstance(domains, (list, tuple)) or len(domains) != K:
             raise ValueError(f"{fn}: domains={domains!r} is not accepted: the files hold {K} domains; expected "
                              f"a list of {K} names")
         cfg["domains"] = list(domains)
@@ -281,15 +284,15 @@ def export_released(model: nn.Module, path: Union[str, os.PathLike], *, domain: 
     if problems:
         raise ValueError(f"{fn}: the model is not patched like the released layer: " + "; ".join(problems))
 
-    def copy(targets: dict) -> OrderedDict:    # own storage: adapters' down weights are views of a packed buffer
+    def detached(targets: dict) -> OrderedDict:   # own storage: adapters' down weights are views of a packed buffer
         return OrderedDict((k, p.detach().to("cpu", copy=True).contiguous()) for k, p in targets.items())
 
     out = {}
     for i, m in mixda_modules(model).items():
         if domain is not None:
-            out[f"{i}-adapter"] = copy(_adapter_targets(m.adapters[domain]))
+            out[f"{i}-adapter"] = detached(_adapter_targets(m.adapters[domain]))
             continue
         for j, name in enumerate(cfg.domains):
-            out[f"{i}-{j}-adapter"] = copy(_adapter_targets(m.adapters[name]))
-        out[f"{i}-gating"] = copy(_gate_targets(m.gate))
+            out[f"{i}-{j}-adapter"] = detached(_adapter_targets(m.adapters[name]))
+        out[f"{i}-gating"] = detached(_gate_targets(m.gate))
     return write_atomic(path, lambda f: torch.save(out, f))

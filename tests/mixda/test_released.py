@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import mixda_fast
 from mixda_fast.cli import main
-from tiny_models import batch, tiny_model
+from tiny_models import batch, randomize_patch, tiny_model
 
 LAYERS = [1, 2]
 K = 2
@@ -197,12 +197,30 @@ def test_one_domain_files_fill_the_domains_in_order(tmp_path):
             assert torch.equal(v, gates_before[k])
 
 
+def test_gates_argument(tmp_path):
+    base, ref = released_model()
+    file = save_released(ref, tmp_path / "r.pt")
+    model = randomize_patch(imported(base, file), seed=3)
+    before = params(model)
+    mixda_fast.import_released(model, file, gates=False)
+    want = params(imported(base, file))
+    for k, v in params(model).items():
+        assert torch.equal(v, before[k] if ".gate." in k else want[k])
+    one = [mixda_fast.export_released(model, tmp_path, domain=d) for d in ("domain_0", "domain_1")]
+    with pytest.raises(ValueError, match="'1-gating' is in 0 files"):
+        mixda_fast.import_released(model, one, gates=True)
+    with pytest.raises(ValueError, match="'1-gating' is in 2 files"):
+        mixda_fast.import_released(model, [file, file], gates=True)
+    with pytest.raises(TypeError, match="gates='yes' is not accepted"):
+        mixda_fast.import_released(model, file, gates="yes")
+
+
 # -- bad input: one line naming the key and shape, nothing copied -----------------------------
 
 def _bad_file(tmp_path, edit):
     base, ref = released_model()
     file = save_released(ref, tmp_path / "good.pt")
-    model = imported(base, file)
+    model = randomize_patch(imported(base, file), seed=5)   # differs from the file: a partial copy would show
     data = torch.load(file, weights_only=True)
     edit(data)
     torch.save(data, tmp_path / "bad.pt")
@@ -220,7 +238,8 @@ def _bad_file(tmp_path, edit):
     (lambda d: [d.pop(k) for k in list(d) if k.startswith("2-")], "has adapters for layers [1]; the model patches layers [1, 2]"),
     (lambda d: [d.pop(k) for k in ("1-1-adapter", "2-1-adapter")], "the files hold 1 domains"),
     (lambda d: d["2-gating"]["linear.4.weight"].__setitem__((0, 0), float("nan")), "'linear.4.weight' holds non-finite"),
-    (lambda d: d.__setitem__("1-0-adapter", {"adapter_up.weight": [1.0]}), "holds dict; expected a state dict"),
+    (lambda d: d.__setitem__("1-0-adapter", {"adapter_up.weight": [1.0]}), "key '1-0-adapter' entry 'adapter_up.weight' is a list; expected a tensor"),
+    (lambda d: d.__setitem__("2-gating", [1.0]), "key '2-gating' holds a list; expected a state dict"),
     (lambda d: d.pop("2-gating"), "'2-gating' is in 0 files"),
 ])
 def test_bad_files_are_refused_and_nothing_is_copied(tmp_path, edit, message):
