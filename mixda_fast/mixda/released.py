@@ -141,6 +141,12 @@ def _read(files: Files, fn: str, default: str = FILE_NAME) -> list[_Checkpoint]:
     return [_parse(file_in(p, fn, default), fn) for p in paths]
 
 
+def _unfit(cfg: MixDAConfig) -> list[str]:
+    """What in ``cfg`` differs from the released layer (:data:`_FITS`), one phrase per field."""
+    return [f"the model's MixDAConfig.{k}={getattr(cfg, k)!r}; the released layer is {k}={v!r}"
+            for k, v in _FITS.items() if getattr(cfg, k) != v]
+
+
 def _adapter_targets(adapter: nn.Module) -> dict:
     """Released name -> parameter of one domain adapter."""
     return {"adapter_down.0.weight": adapter.down.weight, "adapter_down.0.bias": adapter.down.bias,
@@ -212,8 +218,7 @@ def import_released(model: nn.Module, files: Files, *, gates: Optional[bool] = N
         raise TypeError(f"{fn}: gates={gates!r} is not accepted: expected None, True or False")
     cks = _read(files, fn)
     cfg, layers, modules = state.config, state.layers, mixda_modules(model)
-    problems = [f"the model's MixDAConfig.{k}={getattr(cfg, k)!r}; the released layer is {k}={v!r}"
-                for k, v in _FITS.items() if getattr(cfg, k) != v]
+    problems = _unfit(cfg)
     K = sum(ck.num_domains for ck in cks)
     if K != len(cfg.domains):
         problems.append(f"the files hold {K} domains ({', '.join(f'{ck.where()}: {ck.num_domains}' for ck in cks)}); "
@@ -279,10 +284,8 @@ def export_released(model: nn.Module, path: Union[str, os.PathLike], *, domain: 
         raise ValueError(f"{fn}: path={str(path)!r} is not accepted: it exists and is not a released MixDA "
                          "checkpoint; expected a new file name, an existing folder or such a file to replace")
     cfg = state.config
-    problems = [f"MixDAConfig.{k}={getattr(cfg, k)!r} (the released layer is {k}={v!r})"
-                for k, v in _FITS.items() if getattr(cfg, k) != v]
-    if problems:
-        raise ValueError(f"{fn}: the model is not patched like the released layer: " + "; ".join(problems))
+    if _unfit(cfg):
+        raise ValueError(f"{fn}: the model is not patched like the released layer: " + "; ".join(_unfit(cfg)))
 
     def detached(targets: dict) -> OrderedDict:   # own storage: adapters' down weights are views of a packed buffer
         return OrderedDict((k, p.detach().to("cpu", copy=True).contiguous()) for k, p in targets.items())
