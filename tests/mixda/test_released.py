@@ -76,9 +76,9 @@ class ReleasedOutput(nn.Module):
         return self.LayerNorm(final_output + input_tensor)
 
 
-def released_model(dtype=torch.float32):
+def released_model(dtype=torch.float32, family="roberta"):
     """(base model, the same model with the released layers in LAYERS)."""
-    base = tiny_model("roberta").to(dtype)
+    base = tiny_model(family).to(dtype)
     ref = copy.deepcopy(base)
     for i in LAYERS:
         layer = ref.encoder.layer[i]
@@ -108,10 +108,13 @@ def params(model):
 
 # -- the imported layer is the released layer ---------------------------------------------------
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("formulation", ["fused", "folded", "paper"])
-def test_imported_layer_is_the_released_layer(tmp_path, dtype, atol, formulation):
-    base, ref = released_model(dtype)
+CASES = [("roberta", f, dtype, atol) for f in ("fused", "folded", "paper")
+         for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 2e-5))] + [("bert", "fused", torch.float32, 2e-6)]
+
+
+@pytest.mark.parametrize("family,formulation,dtype,atol", CASES)
+def test_imported_layer_is_the_released_layer(tmp_path, family, formulation, dtype, atol):
+    base, ref = released_model(dtype, family)
     file = save_released(ref, tmp_path / "model.pt-0")
     model = imported(base, file)
     cfg = mixda_fast.mixda.patching.patch_config(model)
@@ -119,7 +122,7 @@ def test_imported_layer_is_the_released_layer(tmp_path, dtype, atol, formulation
     assert cfg.paper_gate_bug and cfg.mixing == "paper"
     for m in mixda_fast.mixda_modules(model).values():
         m.formulation = formulation
-    inputs = batch("roberta", B=3, T=9)                       # rows 1 and 2 end in padding
+    inputs = batch(family, B=3, T=9)                          # rows 1 and 2 end in padding
     seen = {}
     hooks = [model.encoder.layer[i].intermediate.register_forward_hook(
                  lambda mod, args, out, i=i: seen.setdefault(i, {}).update(x=args[0])) for i in LAYERS]
