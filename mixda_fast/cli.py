@@ -350,7 +350,7 @@ def _head_for_stage1(model, tokenizer, missing, general, args) -> bool:
                                            ", or --general TEXT to fit a head on general text first"))
     loss = fit_mlm_head(model, tokenizer, general, steps=args.head_steps, seed=args.seed)
     if not args.quiet:
-            print(f"the checkpoint {args.model} has no masked-LM head ({len(head_missing)} tensors missing): fitted one "
+        print(f"the checkpoint {args.model} has no masked-LM head ({len(head_missing)} tensors missing): fitted one "
               f"on --general text first, encoder frozen ({args.head_steps} steps, final cross-entropy {loss:.2f}); "
               "it is saved with the adapters (--train-lm-head trains it with the adapters instead)")
     return True
