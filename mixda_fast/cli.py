@@ -11,7 +11,11 @@
   fine-tuning (table + plots);
 - ``quality``: the quality benchmark: knowledge in, nothing forgotten, against full fine-tuning,
   LoRA and the task adapter alone, over several seeds (``--ablations``, ``--domains``);
-- ``bench``: layer speed against the plain FFN; ``info``: what was built.
+- ``bench``: layer speed against the plain FFN; ``info``: what was built; ``--version``.
+
+The training commands take ``--bf16`` / ``--fp16`` (mixed precision; fp16 needs a GPU),
+``--gate-lr`` and ``--quiet`` (warnings, errors and the result only); transformers' load report
+is not printed (missing weights other than an expected head are named in one warning).
 
 Data errors print one line naming the file, the 1-based line and the field, and exit with status 2.
 """
