@@ -11,8 +11,12 @@
   fine-tuning (table + plots);
 - ``quality``: the quality benchmark: knowledge in, nothing forgotten, against full fine-tuning,
   LoRA and the task adapter alone, over several seeds (``--ablations``, ``--domains``);
-- ``bench``: layer speed against the plain FFN; ``info``: what was built;
+- ``bench``: layer speed against the plain FFN; ``info``: what was built; ``--version``;
 - ``import-released`` / ``export-released``: checkpoints of the released MixDA code, in and out.
+
+The training commands take ``--bf16`` / ``--fp16`` (mixed precision; fp16 needs a GPU),
+``--gate-lr`` and ``--quiet`` (warnings, errors and the result only); transformers' load report
+is not printed (missing weights other than an expected head are named in one warning).
 
 Data errors print one line naming the file, the 1-based line and the field, and exit with status 2.
 """
@@ -27,6 +31,7 @@ import sys
 from typing import Optional, Sequence
 
 from .core.validate import MAX_LAYERS, check_float, check_int, check_labels, check_name, check_names
+from .version import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -106,10 +111,23 @@ def _info(args: argparse.Namespace) -> int:
 
 def _setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # local files only; nothing is downloaded
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mixda_fast").setLevel(logging.WARNING if quiet else logging.NOTSET)
     import torch
 
     from . import ops
+
+    if quiet:                                           # datasets' "Map" bars
+        import datasets
+
+        datasets.disable_progress_bars()
+    if getattr(args, "fp16", False):
+        from .training.trainer import fp16_supported
+
+        if not fp16_supported():
+            raise ValueError("--fp16 is not accepted on this machine: fp16 mixed precision needs a GPU (on CPU "
+                             "Trainer would silently train in float32); use --bf16 (CPU autocast) or drop --fp16")
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -120,13 +138,22 @@ def _setup(args: argparse.Namespace) -> None:
 def _trainer_overrides(args: argparse.Namespace) -> dict:
     kw = dict(learning_rate=args.lr, weight_decay=args.weight_decay, per_device_train_batch_size=args.batch_size,
               gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, seed=args.seed,
-              logging_steps=args.logging_steps, disable_tqdm=args.no_progress)
+              logging_steps=args.logging_steps, disable_tqdm=args.no_progress or args.quiet)
+    if args.quiet:
+        kw["log_level"] = "warning"                     # MixDATrainer then prints no per-step dicts
+    if args.bf16 or args.fp16:
+        kw.update(bf16=args.bf16, fp16=args.fp16)
     if args.max_steps:
         kw["max_steps"] = args.max_steps
     if args.warmup_steps:
         kw["warmup_steps"] = args.warmup_steps
-    if args.gradient_checkpointing:
-        kw["gradient_checkpointing"] = True
+    if args.gradient_checkpointing:                     # transformers 5 renamed the field (the old name warns)
+        import dataclasses
+
+        import transformers
+
+        names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+        kw["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
     if args.save_steps:
         kw.update(save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit)
     elif args.save_epochs:
@@ -220,7 +247,8 @@ def _mode_stage1(args: argparse.Namespace) -> int:
     result = run_mode_stage1(model, tokenizer, args.knowledge, args.output, domain=args.domain, config=config,
                              max_length=args.max_length, training_args=_trainer_overrides(args),
                              resume_from_checkpoint=_resume(args.resume), base_model_path=os.path.abspath(args.model),
-                             data_sources=[os.path.abspath(args.knowledge)], eval_data=args.eval)
+                             data_sources=[os.path.abspath(args.knowledge)], eval_data=args.eval,
+                             gate_learning_rate=args.gate_lr)
     if result.files:
         print(f"stage 1 done: MoDE expert {args.domain!r} in {args.output} ({', '.join(result.files.values())})"
               + (f"; eval {json.dumps(result.metrics, sort_keys=True)}" if result.metrics else ""))
@@ -252,7 +280,8 @@ def _mode_stage2(args: argparse.Namespace) -> int:
                              gate_init=args.gate_init, execution=args.execution, max_length=args.max_length,
                              training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
                              base_model_path=os.path.abspath(args.model),
-                             data_sources=[os.path.abspath(f) for f in args.train], eval_data=args.eval)
+                             data_sources=[os.path.abspath(f) for f in args.train], eval_data=args.eval,
+                             gate_learning_rate=args.gate_lr)
     if result.files:
         print(f"stage 2 done: {len(args.experts)} MoDE experts composed in {args.output}"
               + (f"; eval {json.dumps(result.metrics, sort_keys=True)}" if result.metrics else ""))
@@ -279,6 +308,8 @@ def _stage1(args: argparse.Namespace) -> int:
     from .training.mixda_stage1 import default_layers, run_stage1
     from .training.runs import load_lm
 
+    if args.gate_lr is not None and args.freeze_gate:
+        raise ValueError(f"--gate-lr {args.gate_lr:g} is not accepted with --freeze-gate: the gate does not train")
     knowledge = load_knowledge(args.knowledge)          # validate the data before loading the model
     general = load_texts(args.general) if args.general else None
     model, tokenizer, missing = load_lm(args.model)
@@ -296,6 +327,7 @@ def _stage1(args: argparse.Namespace) -> int:
                         old_loss=args.old_loss, mask_general=args.mask_general,
                         max_length=args.max_length, general_batch_size=args.general_batch_size,
                         train_gate=not args.freeze_gate, train_lm_head=args.train_lm_head, save_lm_head=fitted,
+                        gate_learning_rate=args.gate_lr,
                         training_args=_trainer_overrides(args), resume_from_checkpoint=_resume(args.resume),
                         base_model_path=os.path.abspath(args.model),
                         data_sources={"knowledge": os.path.abspath(args.knowledge),
@@ -322,9 +354,10 @@ def _head_for_stage1(model, tokenizer, missing, general, args) -> bool:
                          "the adapters" + ("" if is_causal_lm(model) else
                                            ", or --general TEXT to fit a head on general text first"))
     loss = fit_mlm_head(model, tokenizer, general, steps=args.head_steps, seed=args.seed)
-    print(f"the checkpoint {args.model} has no masked-LM head ({len(head_missing)} tensors missing): fitted one on "
-          f"--general text first, encoder frozen ({args.head_steps} steps, final cross-entropy {loss:.2f}); it is "
-          "saved with the adapters (--train-lm-head trains it with the adapters instead)")
+    if not args.quiet:
+        print(f"the checkpoint {args.model} has no masked-LM head ({len(head_missing)} tensors missing): fitted one "
+              f"on --general text first, encoder frozen ({args.head_steps} steps, final cross-entropy {loss:.2f}); "
+              "it is saved with the adapters (--train-lm-head trains it with the adapters instead)")
     return True
 
 
@@ -343,6 +376,9 @@ def _stage2(args: argparse.Namespace) -> int:
         raise ValueError(f"--train takes one task file for MixDA stage 2; got {len(args.train)} "
                          "(several text files are for --method mode)")
     args.train = args.train[0]
+    if args.gate_lr is not None and not args.domains:
+        raise ValueError(f"--gate-lr {args.gate_lr:g} is not accepted without --domains: a task adapter alone has no "
+                         "gate")
     for d in args.domains or ():
         if read_run(d).get("method", "mixda") != "mixda":
             raise ValueError(f"--domains {d!r} is a MoDE run (experts), not MixDA domain adapters; compose MoDE "
@@ -361,7 +397,7 @@ def _stage2(args: argparse.Namespace) -> int:
     result = run_stage2(model, tokenizer, train, args.output, task=args.task, eval_data=evals, k_shot=args.k_shot,
                         seed=args.seed, max_length=args.max_length, warmup_epochs=args.warmup_epochs,
                         training_args=overrides, resume_from_checkpoint=_resume(args.resume),
-                        base_model_path=os.path.abspath(args.model),
+                        gate_learning_rate=args.gate_lr, base_model_path=os.path.abspath(args.model),
                         domain_runs=[os.path.abspath(d) for d in args.domains or ()])
     if result.trainer.args.should_save:
         print(f"stage 2 done: {args.output}" + (f"; eval {json.dumps(result.metrics)}" if result.metrics else ""))
@@ -423,6 +459,8 @@ def _add_train_options(p: argparse.ArgumentParser, command: str) -> None:
     t.add_argument("--max-steps", type=_int(0), default=0, help="stop after this many optimizer steps (0: epochs decide)")
     t.add_argument("--lr", type=_float(), default=None,
                    help=f"peak learning rate (default {both(lr, mode_lr, 'g')})")
+    t.add_argument("--gate-lr", type=_float(), default=None,
+                   help="peak learning rate of the gates alone (MixDA gates, MoDE block gates; default: --lr)")
     t.add_argument("--warmup-steps", type=_int(0), default=0,
                    help="linear warm-up steps (default 0; MixDA stage 2: --warmup-epochs)")
     t.add_argument("--weight-decay", type=_float(lo_open=False), default=0.05, help="AdamW weight decay (default 0.05, the paper's)")
@@ -439,7 +477,14 @@ def _add_train_options(p: argparse.ArgumentParser, command: str) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward instead of storing them (less memory, "
                         "about a third more compute; gradients are exact)")
+    precision = t.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true",
+                           help="bfloat16 mixed precision (autocast; on CPU too): the weights stay float32")
+    precision.add_argument("--fp16", action="store_true",
+                           help="float16 mixed precision with loss scaling (needs a GPU; refused on CPU)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    t.add_argument("--quiet", action="store_true",
+                   help="print only warnings, errors and the result: no progress bar, no per-step losses")
     t.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0,
                    help="torch threads (0 = torch's default)")
     t.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None, help="mixda_fast op backend")
@@ -479,6 +524,7 @@ def _add_mode_stage2_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixda-fast", description="Mixture-of-Domain-Adapters, fast.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     D1, D2 = (lambda dest: _only_default("stage1", "mixda", dest)), (lambda dest: _only_default("stage2", "mixda", dest))
@@ -583,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_int(), default=64)
     ev.add_argument("--threads", type=_int(0, cap="MAX_THREADS"), default=0, help="torch threads (0 = torch's default)")
     ev.add_argument("--backend", choices=["auto", "cpp", "torch"], default=None)
+    ev.add_argument("--quiet", action="store_true", help="print only warnings, errors and the metrics")
     ev.set_defaults(func=_evaluate)
 
     d = sub.add_parser("demo", help="both stages on MiniLM vs task-adapter-only, LoRA and full fine-tuning",

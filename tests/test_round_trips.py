@@ -13,7 +13,8 @@ from mixda_fast.core.patch import CONFIG_KEY
 from tiny_models import DECODERS, batch, randomize_patch, tiny_model
 
 CASES = [("bert", "mixda"), ("roberta", "mixda"), ("gpt2", "mixda"), ("llama", "mixda"), ("bert", "mode"),
-         ("llama", "mode")]
+         ("llama", "mode"), ("distilbert", "mixda"), ("qwen3", "mixda"), ("gemma", "mixda"), ("gemma2", "mixda"),
+         ("gemma3", "mixda"), ("distilbert", "mode"), ("gemma3", "mode")]
 
 
 def _config(method):

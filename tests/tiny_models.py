@@ -22,9 +22,21 @@ CONFIGS = {
                                         max_position_embeddings=64, **_common()),
     "qwen2": lambda: tf.Qwen2Config(hidden_size=32, intermediate_size=80, num_key_value_heads=1,
                                     max_position_embeddings=64, **_common()),
+    "qwen3": lambda: tf.Qwen3Config(hidden_size=32, intermediate_size=80, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64, **_common()),
+    "gemma": lambda: tf.GemmaConfig(hidden_size=32, intermediate_size=80, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64, **_common()),
+    "gemma2": lambda: tf.Gemma2Config(hidden_size=32, intermediate_size=80, num_key_value_heads=1, head_dim=16,
+                                      query_pre_attn_scalar=16, sliding_window=4, max_position_embeddings=64,
+                                      **_common()),
+    "gemma3": lambda: tf.Gemma3TextConfig(hidden_size=32, intermediate_size=80, num_key_value_heads=1, head_dim=16,
+                                          query_pre_attn_scalar=16, sliding_window=4, max_position_embeddings=64,
+                                          **_common()),
+    "distilbert": lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=3, n_heads=2,
+                                              max_position_embeddings=64),
 }
-ENCODERS = ("bert", "roberta")
-DECODERS = ("gpt2", "llama", "mistral", "qwen2")
+ENCODERS = ("bert", "roberta", "distilbert")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 FAMILIES = ENCODERS + DECODERS
 
 

@@ -62,6 +62,10 @@ _GPT2 = FamilySpec(layers="h", ffn="mlp", up="mlp.c_fc", act="mlp.act", down="ml
 _LLAMA = FamilySpec(layers="layers", ffn="mlp", up="mlp.up_proj", act="mlp.act_fn",
                     down="mlp.down_proj", gate_proj="mlp.gate_proj", attn_out="self_attn.o_proj",
                     causal=True)
+# DistilBERT keeps the whole FFN (lin1, activation, lin2, dropout) in one module, as GPT-2 does;
+# its chunked forward (chunk_size_feed_forward) computes the same per-token function unchunked.
+_DISTILBERT = FamilySpec(layers="transformer.layer", ffn="ffn", up="ffn.lin1", act="ffn.activation",
+                         down="ffn.lin2", post="ffn.dropout", attn_out="attention.out_lin", causal=False)
 
 FAMILIES: dict[str, FamilySpec] = {
     "bert": _BERT,
@@ -70,6 +74,13 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    # Gemma's gated MLP is Llama's with act_fn gelu_pytorch_tanh (fused: ops.activations.GELU_TANH);
+    # the rest of the block (scaled embeddings, pre/post-FFN norms, soft-capping) is the host's own.
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "distilbert": _DISTILBERT,
 }
 """``config.model_type`` -> :class:`FamilySpec`. Extend it with :func:`register_family`."""
 

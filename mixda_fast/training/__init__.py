@@ -22,7 +22,7 @@ Everything here loads transformers and datasets, so it is imported on first use
 _LAZY = {
     "run_stage1": "mixda_stage1", "default_layers": "mixda_stage1",
     "run_stage2": "mixda_stage2", "build_stage2_model": "mixda_stage2", "load_run": "mixda_stage2",
-    "read_run": "runs", "load_lm": "runs", "fit_mlm_head": "lm_head",
+    "read_run": "runs", "load_lm": "runs", "load_pretrained": "runs", "fit_mlm_head": "lm_head",
     "MixDATrainer": "trainer", "training_arguments": "trainer", "accuracy_and_macro_f1": "trainer",
     "Stage1Model": "losses", "knowledge_loss": "losses", "old_knowledge_loss": "losses",
     "fact_exact_match": "evaluate", "evaluate_task": "evaluate", "general_drift": "evaluate",

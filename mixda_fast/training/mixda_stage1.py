@@ -151,6 +151,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
             "domain": domain, "config": config.to_dict(), "files": files, "causal": causal,
             "knowledge": sources["knowledge"], "general": sources["general"],
             "knowledge_weight": knowledge_weight, "old_weight": old_weight, "old_loss": old_loss,
+            "gate_learning_rate": gate_learning_rate,
             "mask_general": mask_general, "max_length": max_length,
             "trainable_parameters": trainable, "total_parameters": total,
             "train_gate": train_gate, "train_lm_head": train_lm_head, "lm_head_fitted": save_lm_head,

@@ -30,7 +30,8 @@ from ..mixda.patching import patch_config
 from ..mixda.saving import load_adapters, save_adapters
 from ..task_adapters import add_task_adapters, has_task_adapters, load_task_adapters, save_task_adapters
 from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
-from .runs import load_head, load_lm, read_run, save_head, write_run
+from .lm_head import missing_head_keys
+from .runs import load_head, load_lm, load_pretrained, read_run, save_head, write_run
 from .trainer import MixDATrainer, StageResult, StepTimer, classification_metrics, training_arguments
 
 __all__ = ["build_stage2_model", "run_stage2", "load_run", "freeze_for_task", "Stage2Result", "task_model_class"]
@@ -80,11 +81,12 @@ def build_stage2_model(base: Union[str, os.PathLike, nn.Module], *, task: str = 
     if isinstance(base, (str, os.PathLike)):
         if not os.path.isdir(base):
             raise FileNotFoundError(f"model path {str(base)!r} is not a folder; expected a local HuggingFace checkpoint")
-        model, info = task_model_class(task).from_pretrained(str(base), num_labels=num_labels, local_files_only=True,
-                                                             output_loading_info=True)
         # Weights the checkpoint lacks (the task head, and e.g. BERT's pooler when the checkpoint
         # is a masked LM) are random: run_stage2 saves them with the head so load_run rebuilds them.
-        model._mixda_fresh_keys = sorted(info.get("missing_keys", []))
+        # The head is expected to be new; anything else missing is reported in one line.
+        model, missing = load_pretrained(task_model_class(task), base, num_labels=num_labels,
+                                         expected=missing_head_keys)
+        model._mixda_fresh_keys = sorted(missing)
     elif isinstance(base, nn.Module):
         model = base
     else:
@@ -138,12 +140,14 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
                k_shot: Optional[int] = None, seed: int = 0, max_length: int = 128,
                warmup_epochs: float = 2.0, training_args: Optional[dict] = None,
                resume_from_checkpoint: Union[None, bool, str] = None, callbacks: Sequence = (),
-               base_model_path: Optional[str] = None, domain_runs: Sequence = (), save: bool = True) -> Stage2Result:
+               base_model_path: Optional[str] = None, domain_runs: Sequence = (), save: bool = True,
+               gate_learning_rate: Optional[float] = None) -> Stage2Result:
     """Train ``model`` (from :func:`build_stage2_model`) on a task file or a :func:`load_task`
     ``(dataset, labels)`` pair; ``k_shot``: keep k examples per class (seeded). ``eval_data``
     (file or pair) is evaluated after every epoch (accuracy, macro-F1). ``training_args``
     overrides :func:`training_arguments` (stage-2 defaults: lr 5e-4, 20 epochs, 2 warm-up epochs,
-    AdamW with weight decay 0.05, linear decay)."""
+    AdamW with weight decay 0.05, linear decay). ``gate_learning_rate``: a peak learning rate
+    for the gate alone."""
     if task not in TASKS:
         raise ValueError(f"run_stage2: task={task!r} is not accepted: expected one of {' | '.join(map(repr, TASKS))}")
     output_dir = Path(output_dir)
@@ -168,7 +172,7 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
     timer = StepTimer()
     trainer = MixDATrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            data_collator=TaskCollator(tokenizer, task), callbacks=[timer, *callbacks],
-                           compute_metrics=classification_metrics)
+                           compute_metrics=classification_metrics, gate_learning_rate=gate_learning_rate)
     trainable, total = count_parameters(model)
     logger.info("stage 2: %s, %d examples, %d of %d parameters train", task, len(train_ds), trainable, total)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -188,6 +192,7 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
             "task": task, "labels": list(labels), "max_length": max_length, "files": files,
             "config": patch_config(model).to_dict() if is_patched(model) else None,
             "domain_runs": [str(d) for d in domain_runs], "train": source, "k_shot": k_shot, "seed": seed,
+            "gate_learning_rate": gate_learning_rate,
             "trainable_parameters": trainable, "total_parameters": total, "metrics": metrics,
             "log_history": trainer.state.log_history,
         })
@@ -212,9 +217,9 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
         if "lm_head" in run["files"]:
             load_head(model, run_dir / run["files"]["lm_head"], LM_HEAD)
     else:
-        model, info = task_model_class(run["task"]).from_pretrained(str(base), num_labels=len(run["labels"]),
-                                                                    local_files_only=True, output_loading_info=True)
-        model._mixda_fresh_keys = sorted(info.get("missing_keys", []))   # head.safetensors may hold these
+        model, missing = load_pretrained(task_model_class(run["task"]), base, num_labels=len(run["labels"]),
+                                         expected=lambda m, keys: keys)     # head.safetensors holds them
+        model._mixda_fresh_keys = sorted(missing)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token

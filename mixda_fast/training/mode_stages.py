@@ -211,7 +211,8 @@ def _manifest(model, trainer, stage: int, files: dict, causal: bool, sources, co
     return {"method": METHOD, "stage": stage, "base_model": base_model_path,
             "model_type": family_of(model)[0], "config": mode_state(model).config.to_dict(), "files": files,
             "causal": causal, "train": sources, "max_length": max_length, "trainable_parameters": counts[0],
-            "total_parameters": counts[1], "metrics": metrics, **extra, "log_history": trainer.state.log_history}
+            "total_parameters": counts[1], "metrics": metrics, "gate_learning_rate": trainer.gate_learning_rate,
+            **extra, "log_history": trainer.state.log_history}
 
 
 def run_mode_stage1(model: nn.Module, tokenizer, data: PathOrData, output_dir: Union[str, os.PathLike], *,

@@ -9,10 +9,12 @@ loaded from the folder; the method's ``load_run`` rebuilds the model from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch.nn as nn
 
@@ -21,8 +23,12 @@ from ..core.model import head_parameters
 from ..core.patch import method_named, methods
 from ..core.validate import check_choice, check_int, check_labels, check_name, fail, run_file
 from .data import TASKS
+from .lm_head import missing_head_keys
 
-__all__ = ["RUN_FILE", "RUN_FORMAT", "read_run", "write_run", "load_lm", "minilm_path", "head_named", "save_head", "load_head"]
+__all__ = ["RUN_FILE", "RUN_FORMAT", "read_run", "write_run", "load_lm", "load_pretrained", "minilm_path", "head_named",
+           "save_head", "load_head"]
+
+logger = logging.getLogger(__name__)
 
 RUN_FILE = "mixda_run.json"
 RUN_FORMAT = "mixda_fast.run/1"
@@ -73,11 +79,70 @@ def write_run(run_dir: Path, manifest: dict) -> Path:
     return write_json(run_dir / RUN_FILE, {"format": RUN_FORMAT, **manifest})
 
 
+class _Held(logging.Filter):
+    """Holds back the records a handler would print (:func:`_transformers_quiet`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' own load chatter held back for the block: the LOAD REPORT table, the
+    tied-weights note and the like (on every ``from_pretrained`` of transformers 5), and the
+    "Loading weights" progress bar. When the block fails, the held records are printed after all
+    (transformers' error then says "look at the above report")."""
+    from transformers.utils import logging as hf_logging
+
+    handlers = hf_logging.get_logger().handlers       # the library's root logger: its records end there
+    held = _Held()
+    bars = hf_logging.is_progress_bar_enabled()
+    for h in handlers:
+        h.addFilter(held)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    except BaseException:
+        for h in handlers:
+            h.removeFilter(held)
+        for record in held.records:
+            for h in handlers:
+                h.handle(record)
+        raise
+    finally:
+        for h in handlers:
+            h.removeFilter(held)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(cls, path: Union[str, os.PathLike], *,
+                    expected: Callable[[nn.Module, list], list] = lambda model, missing: [], **kwargs):
+    """(model, missing keys): ``cls.from_pretrained(path)`` from local files, without transformers'
+    load report. The keys the checkpoint lacks, except those ``expected(model, missing)`` returns
+    (the caller handles them: an LM head it fits or warns about, a task head that trains), are
+    reported in one warning line instead."""
+    with _transformers_quiet():
+        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys", []))
+    unexpected = sorted(set(missing) - set(expected(model, missing)))
+    if unexpected:
+        shown = ", ".join(unexpected[:6]) + (f" and {len(unexpected) - 6} more" if len(unexpected) > 6 else "")
+        logger.warning("the checkpoint %s has no weights for %s: they are freshly initialised", path, shown)
+    return model, missing
+
+
 def load_lm(path: Union[str, os.PathLike], **kwargs):
     """(language model, tokenizer, missing head keys) from a local checkpoint folder: a masked LM
     for families that have one (BERT, RoBERTa), else a causal LM. Local files only. Keys the
     checkpoint lacks (e.g. the MLM head of a sentence-embedding checkpoint) are returned so the
-    caller can say that the head is freshly initialised."""
+    caller can say that the head is freshly initialised; missing keys outside the head are
+    reported by :func:`load_pretrained`."""
     import transformers as tf
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -87,11 +152,11 @@ def load_lm(path: Union[str, os.PathLike], **kwargs):
                                 "checkpoint (config.json, weights, tokenizer files); nothing is downloaded")
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     cls = tf.AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else tf.AutoModelForCausalLM
-    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    model, missing = load_pretrained(cls, path, expected=missing_head_keys, **kwargs)
     tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, list(info.get("missing_keys", []))
+    return model, tokenizer, missing
 
 
 def minilm_path() -> str:

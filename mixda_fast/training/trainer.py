@@ -35,7 +35,7 @@ from ..core.model import gate_parameters
 from ..core.io import TRAINABLE, load_into, read_safetensors, save_tensors
 
 __all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
-           "training_arguments", "TRAINABLE_FILE"]
+           "training_arguments", "fp16_supported", "TRAINABLE_FILE"]
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -91,6 +91,9 @@ def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArg
         use_cpu=not _accelerator_available(),
     )
     kw.update(overrides)
+    if kw.get("fp16") and not fp16_supported():
+        raise ValueError("training_arguments: fp16=True is not accepted on this machine: fp16 mixed precision needs "
+                         "a GPU (on CPU Trainer would silently train in float32); use bf16=True (CPU autocast)")
     import inspect
 
     accepted = set(inspect.signature(transformers.TrainingArguments.__init__).parameters)
@@ -98,6 +101,13 @@ def training_arguments(output_dir: str, **overrides) -> transformers.TrainingArg
     if unknown:
         raise TypeError(f"training_arguments: {unknown} are not TrainingArguments fields")
     return transformers.TrainingArguments(**kw)
+
+
+def fp16_supported() -> bool:
+    """Whether Trainer can train in fp16 mixed precision here: on an accelerator (accelerate
+    checks that it has fp16 autocast). On CPU accelerate keeps no loss scaler and no fp16
+    autocast, so ``fp16=True`` would silently train in float32; bf16 autocast runs on CPU."""
+    return _accelerator_available()
 
 
 def _accelerator_available() -> bool:
@@ -141,7 +151,8 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 class MixDATrainer(transformers.Trainer):
     """``Trainer`` whose ``compute_loss`` adds ``knowledge_weight * L_knowledge + old_weight *
-    L_old`` for stage 1 and whose checkpoints hold the trainable parameters only."""
+    L_old`` for stage 1 and whose checkpoints hold the trainable parameters only. With
+    ``args.log_level`` "warning" or above it prints nothing per step (the log history is kept)."""
 
     def __init__(self, *args, knowledge_weight: float = 0.5, old_weight: float = 1.0,
                  gate_learning_rate: Optional[float] = None, **kwargs):
@@ -151,6 +162,9 @@ class MixDATrainer(transformers.Trainer):
             check_float("MixDATrainer: gate_learning_rate", gate_learning_rate, 0.0, lo_open=True)
         self.gate_learning_rate = gate_learning_rate
         super().__init__(*args, **kwargs)
+        if self.args.log_level in ("warning", "error", "critical"):     # quiet: no progress bar, no per-step dicts
+            self.remove_callback(transformers.trainer_callback.PrinterCallback)
+            self.remove_callback(transformers.trainer_callback.ProgressCallback)
         self.knowledge_weight = float(knowledge_weight)
         self.old_weight = float(old_weight)
         self.model_accepts_loss_kwargs = False

@@ -148,3 +148,165 @@ def test_stage2_refuses_warmup_steps_with_warmup_epochs(tmp_path, capsys):
                  "--warmup-steps", "3", "--warmup-epochs", "1"]) == 2
     assert "--warmup-steps 3 is not accepted with --warmup-epochs 1: give one of the two" in capsys.readouterr().err
     assert not (tmp_path / "s2").exists()
+
+
+# -- precision, gate learning rate, quiet, version, load report ------------------------------------
+
+def _stage1_args(ckpt, knowledge, general, out, *extra):
+    return ["stage1", "--model", ckpt, "--knowledge", str(knowledge), "--general", str(general), "--output", str(out),
+            "--layers", "1", "--gate-hidden", "16", "--max-steps", "2", "--batch-size", "8", "--logging-steps", "1",
+            "--no-progress", *extra]
+
+
+def _group_lrs(checkpoint) -> dict:
+    """{peak learning rate: number of tensors} of the optimizer a Trainer checkpoint saved."""
+    groups = torch.load(str(checkpoint / "optimizer.pt"), weights_only=False)["param_groups"]
+    out = {}
+    for g in groups:
+        out[g["initial_lr"]] = out.get(g["initial_lr"], 0) + len(g["params"])
+    return out
+
+
+def test_version(capsys):
+    from mixda_fast.version import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"mixda-fast {__version__}\n"
+
+
+def test_gate_lr_reaches_the_gate_parameter_groups_and_the_manifest(tmp_path):
+    from mixda_fast.core.model import gate_parameters
+    from mixda_fast.training.mixda_stage2 import load_run
+
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "s1", "--gate-lr", "3e-3", "--lr", "2e-4",
+                             "--save-steps", "1")) == 0
+    model, _, run = load_run(tmp_path / "s1")
+    n_gate = len(gate_parameters(model))
+    assert run["gate_learning_rate"] == 3e-3 and n_gate > 0
+    lrs = _group_lrs(tmp_path / "s1" / "checkpoint-1")
+    assert set(lrs) == {2e-4, 3e-3} and lrs[3e-3] == n_gate
+    task = write_jsonl(tmp_path / "task.jsonl", easy_task_rows())
+    assert main(["stage2", "--model", ckpt, "--domains", str(tmp_path / "s1"), "--train", str(task), "--output",
+                 str(tmp_path / "s2"), "--max-steps", "1", "--batch-size", "8", "--no-progress", "--save-steps", "1",
+                 "--gate-lr", "1e-2"]) == 0
+    assert json.loads((tmp_path / "s2" / "mixda_run.json").read_text())["gate_learning_rate"] == 1e-2
+    lrs = _group_lrs(tmp_path / "s2" / "checkpoint-1")
+    assert set(lrs) == {5e-4, 1e-2} and lrs[1e-2] == n_gate
+    assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "s1b")) == 0         # default: one learning rate
+    assert json.loads((tmp_path / "s1b" / "mixda_run.json").read_text())["gate_learning_rate"] is None
+
+
+def test_gate_lr_refused_where_no_gate_trains(tmp_path, capsys):
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "s1", "--gate-lr", "1e-3", "--freeze-gate")) == 2
+    assert "--gate-lr 0.001 is not accepted with --freeze-gate: the gate does not train" in capsys.readouterr().err
+    task = write_jsonl(tmp_path / "task.jsonl", easy_task_rows())
+    assert main(["stage2", "--model", ckpt, "--train", str(task), "--output", str(tmp_path / "s2"),
+                 "--gate-lr", "1e-3"]) == 2
+    assert "--gate-lr 0.001 is not accepted without --domains" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+
+
+def test_mode_stage1_records_the_gate_lr(tmp_path):
+    knowledge, _, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "gpt2")
+    assert main(["stage1", "--method", "mode", "--model", ckpt, "--knowledge", str(knowledge), "--output",
+                 str(tmp_path / "m1"), "--num-blocks", "1", "--expert-layers", "1", "--max-steps", "1",
+                 "--batch-size", "8", "--no-progress", "--gate-lr", "2e-3", "--save-steps", "1"]) == 0
+    assert json.loads((tmp_path / "m1" / "mixda_run.json").read_text())["gate_learning_rate"] == 2e-3
+    assert 2e-3 in _group_lrs(tmp_path / "m1" / "checkpoint-1")
+
+
+def test_precision_flags(tmp_path, capfd):
+    """--bf16 trains under CPU autocast (the losses differ from the float32 run's, the saved
+    adapters stay float32); --fp16 without a GPU and --bf16 with --fp16 are refused before any work."""
+    from safetensors.torch import load_file
+
+    from mixda_fast.training.trainer import fp16_supported, training_arguments
+
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "gpt2")
+    losses = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        assert main(_stage1_args(ckpt, knowledge, general, tmp_path / name, *extra)) == 0
+        run = json.loads((tmp_path / name / "mixda_run.json").read_text())
+        losses[name] = [h["loss"] for h in run["log_history"] if "loss" in h]
+    assert len(losses["bf16"]) == 2 and all(x == x for x in losses["bf16"])          # finite, not NaN
+    assert losses["bf16"] != losses["fp32"]
+    adapters = load_file(str(tmp_path / "bf16" / "mixda_adapters.safetensors"))
+    assert adapters and all(v.dtype == torch.float32 for v in adapters.values())
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(_stage1_args(ckpt, knowledge, general, tmp_path / "both", "--bf16", "--fp16"))
+    assert e.value.code == 2 and "not allowed with argument" in capfd.readouterr().err
+    if fp16_supported():
+        pytest.skip("an accelerator is present: fp16 is accepted here")
+    assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "fp16", "--fp16")) == 2
+    assert ("--fp16 is not accepted on this machine: fp16 mixed precision needs a GPU"
+            in capfd.readouterr().err)
+    assert not (tmp_path / "fp16").exists()
+    with pytest.raises(ValueError, match="training_arguments: fp16=True is not accepted on this machine"):
+        training_arguments(str(tmp_path / "x"), fp16=True)
+
+
+def test_quiet_prints_only_the_result_and_no_run_prints_the_load_report(tmp_path, capfd):
+    """A checkpoint without an MLM head: transformers' LOAD REPORT and tied-weights note are not
+    printed (the command says what it does about the head itself); --quiet leaves the result line
+    alone on stdout and no progress bar or per-step losses on stderr."""
+    knowledge, general, _ = write_data(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert", head="base")
+    capfd.readouterr()
+    assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "loud", "--head-steps", "2")) == 0
+    out, err = capfd.readouterr()
+    assert "'loss_knowledge'" in out and "fitted one on --general text first" in out
+    for text in (out, err):
+        assert "LOAD REPORT" not in text and "tied weights" not in text and "Loading weights" not in text
+    argv = _stage1_args(ckpt, knowledge, general, tmp_path / "quiet", "--head-steps", "2", "--quiet")
+    argv.remove("--no-progress")
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [f"stage 1 done: domain adapter 'domain_0' in {tmp_path / 'quiet'} "
+                                "(mixda_adapter_domain_0.safetensors, mixda_adapters.safetensors, lm_head.safetensors)"]
+    for noise in ("it/s", "examples/s", "'loss'", "INFO", "LOAD REPORT"):
+        assert noise not in err
+    assert json.loads((tmp_path / "quiet" / "mixda_run.json").read_text())["log_history"]   # still logged
+
+
+def test_load_reports_missing_weights_outside_the_head_in_one_line(tmp_path, capfd, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from mixda_fast.training.runs import load_lm
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(str(weights))
+    gone = sorted(k for k in tensors if ".layer.0.output.dense." in k)
+    save_file({k: v for k, v in tensors.items() if k not in gone}, str(weights), metadata={"format": "pt"})
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger="mixda_fast"):
+        _, _, missing = load_lm(ckpt)
+    assert sorted(missing) == gone
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("mixda_fast")]
+    assert lines == [f"the checkpoint {ckpt} has no weights for {', '.join(gone)}: they are freshly initialised"]
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())
+
+
+def test_stage2_gradient_checkpointing_trains_the_same_task_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    task = write_jsonl(tmp_path / "task.jsonl", easy_task_rows())
+    args = ["stage2", "--model", ckpt, "--train", str(task), "--max-steps", "2", "--batch-size", "8",
+            "--no-progress", "--task-adapter", "houlsby"]
+    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--output", str(tmp_path / "gc"), "--gradient-checkpointing"]) == 0
+    for name in ("task_adapters.safetensors", "head.safetensors"):
+        want, got = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "gc" / name))
+        assert got.keys() == want.keys() and got
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)

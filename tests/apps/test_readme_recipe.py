@@ -49,3 +49,20 @@ def test_readme_walkthrough_runs_stage1_stage2_and_evaluate(tiny_checkpoint, tmp
     task = json.loads(outputs[3].strip().splitlines()[-1])
     assert set(facts) == {"exact_match", "token_accuracy", "facts"} and facts["facts"] == len(json.loads(Path(d.held_out["places"]).read_text()))
     assert set(task) == {"accuracy", "macro_f1", "examples"} and task["examples"] == sum(1 for _ in open(d.task_test))
+
+
+def test_readme_register_family_example_runs():
+    """The README's "Model families" example (register Phi, patch, residual identity, unpatch) runs
+    as written; the registration is undone afterwards."""
+    import mixda_fast as mf
+
+    section = README.read_text().split("## Model families", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```")[1::2] if b.startswith("python")]
+    assert len(blocks) == 1 and "register_family(\"phi\"" in blocks[0]
+    assert "phi" not in mf.FAMILIES
+    try:
+        scope = {}
+        exec(compile(blocks[0], str(README), "exec"), scope)
+        assert mf.FAMILIES["phi"].up == "mlp.fc1" and not mf.is_patched(scope["model"])
+    finally:
+        mf.FAMILIES.pop("phi", None)

@@ -104,8 +104,7 @@ def test_unpatch_restores_exactly(family):
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     mf.patch_model(model, mf.MoDEConfig(num_blocks=1, num_experts=1, expert_init="random"))
     assert mf.is_patched(model)
-    assert any(k.startswith(("model.mode_blocks", "transformer.mode_blocks", "bert.mode_blocks",
-                             "roberta.mode_blocks")) for k in model.state_dict())
+    assert any(k.startswith(model.base_model_prefix + ".mode_blocks") for k in model.state_dict())
     mf.unpatch_model(model)
     assert not mf.is_patched(model)
     assert [type(m) for m in model.modules()] == types
@@ -247,6 +246,7 @@ def test_generate_on_a_patched_decoder(family):
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         plain = model.generate(**inputs, **kw)
+        plain_logits = model(**inputs).logits
         mf.patch_model(model, mf.MoDEConfig(num_blocks=3, num_experts=2, expert_init="random"))
         _randomize_gates(model)
         with mf.gate_forced(model):
@@ -255,10 +255,12 @@ def test_generate_on_a_patched_decoder(family):
         uncached = model.generate(**inputs, use_cache=False, **kw)
         beams = model.generate(**inputs, num_beams=2, **kw)
         beams_uncached = model.generate(**inputs, num_beams=2, use_cache=False, **kw)
+        patched_logits = model(**inputs).logits
     assert torch.equal(forced, plain)
     assert torch.equal(cached, uncached)
     assert torch.equal(beams, beams_uncached)
-    assert not torch.equal(cached, plain)
+    # the experts change the model (the tiny Gemmas' greedy tokens can stay the same: compare logits)
+    assert not torch.allclose(patched_logits, plain_logits)
 
 
 def test_a_cache_filled_without_expert_slots_is_refused():

@@ -376,7 +376,7 @@ def test_fused_layer_matches_paper_form_and_backends_agree(family, gate, mixing,
         torch.testing.assert_close(got["cpp"], got["torch"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "distilbert", "gemma"])
 def test_fused_layer_gradients_match_paper_form(family):
     model = tiny_model(family)
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, gate="token", gate_dropout=0.0))
