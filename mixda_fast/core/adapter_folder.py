@@ -196,8 +196,8 @@ def _from_legacy(model: nn.Module, folder: Path, fn: str) -> nn.Module:
     """A folder holding a method's whole-patch file (``Method.legacy_file``) and no adapter_config.json."""
     found = [m for m in methods() if m.legacy_file and (folder / m.legacy_file).is_file()]
     if len(found) != 1:
-        files = " or ".join(m.legacy_file for m in methods() if m.legacy_file)
-        what = "holds several" if found else f"holds neither {CONFIG_NAME} nor {files}"
+        files = ", ".join([CONFIG_NAME] + [m.legacy_file for m in methods() if m.legacy_file])
+        what = f"holds several of {files}" if found else f"holds none of {files}"
         raise AdapterFileNotFoundError(2, f"{fn}: save_directory={str(folder)!r} is not an adapter folder: it {what}; "
                                           "expected a folder that mixda_fast.save_pretrained wrote", str(folder))
     method = found[0]
@@ -248,6 +248,6 @@ def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLik
         if have != record["patch"]:
             raise ValueError(f"{where} does not fit base_model: patch {json.dumps(record['patch'])} in the folder, "
                              f"{json.dumps(have)} on this model")
-        load_into(method.tensors(base_model), tensors, f"{where}/{WEIGHTS_NAME}")
+        load_into(method.tensors(base_model), tensors, f"{fn}: {str(folder / WEIGHTS_NAME)!r}")
 
     return _patched_then(base_model, config, load)
