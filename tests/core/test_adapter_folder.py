@@ -224,3 +224,10 @@ def test_save_refuses_an_unpatched_model_a_file_and_another_librarys_folder(tmp_
     with pytest.raises(TypeError, match="base_model_name_or_path=3"):
         mf.save_pretrained(model, tmp_path / "new", base_model_name_or_path=3)
     assert not (tmp_path / "new").exists()
+
+
+def test_peft_refuses_the_folder_rather_than_misreading_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    _saved("bert", "mixda", tmp_path)
+    with pytest.raises((TypeError, KeyError, ValueError), match="peft_type"):
+        peft.PeftConfig.from_pretrained(str(tmp_path))

@@ -89,6 +89,9 @@ def test_mixda_stage_folders_are_adapter_folders_and_old_ones_still_load(tmp_pat
         "head": "head.safetensors"}
     patched = mf.from_pretrained(tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=4), s2)
     assert _same_patch(patched, model) and not _same_patch(patched, lm)     # the gate trained in stage 2
+    mf.load_task_adapters(patched, s2)                        # the task adapters: their own file
+    mine, theirs = mf.task_adapter_modules(model), mf.task_adapter_modules(patched)
+    assert all(torch.equal(a, b) for k in mine for a, b in zip(mine[k].parameters(), theirs[k].parameters()))
     expected = evaluate_task(model, tok, task)
     assert evaluate_task(load_run(s2)[0], tok, task) == expected
 
