@@ -3,10 +3,14 @@
     import mixda_fast
     model = mixda_fast.patch_model(model, mixda_fast.MixDAConfig(domains=["bio", "law"]))
     mixda_fast.mark_trainable(model, "domain")
+    ...
+    mixda_fast.save_pretrained(model, "bio-adapters")          # adapter_config.json + adapter_model.safetensors
+    model = mixda_fast.from_pretrained(base_model, "bio-adapters")
 
 See README.md and docs/design.md; ``python -m mixda_fast.info`` says which kernels were built.
 """
 
+from .core.adapter_folder import from_pretrained, read_adapter_config, save_pretrained
 from .core.families import FAMILIES, FamilySpec, register_family
 from .core.io import AdapterFileNotFoundError
 from .core.model import count_parameters
@@ -26,6 +30,7 @@ __all__ = [
     "patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled", "load_patched",
     "save_adapters", "load_adapters", "AdapterFileNotFoundError",
     "import_released", "export_released", "released_config",
+    "save_pretrained", "from_pretrained", "read_adapter_config",
     "mark_trainable", "count_parameters",
     "kernels_available", "set_backend", "get_backend", "__version__",
     "MoDEConfig", "MoDEBlock", "mode_blocks", "experts_disabled", "gate_forced",

@@ -52,6 +52,20 @@ class Method:
     """Added to the bad-stage message (e.g. " for a MoDE-patched model")."""
     members: str = "domains"
     """What ``config.domains`` names, for messages ("domains", "experts")."""
+    tensors: Optional[Callable[[nn.Module], dict]] = None
+    """Name -> live tensor of everything the patch adds (every member and the gates), under
+    names that do not depend on the task head: what an adapter folder's
+    ``adapter_model.safetensors`` holds (:mod:`.adapter_folder`); loading copies into them."""
+    describe: Optional[Callable[[nn.Module], dict]] = None
+    """What the patch covers, as JSON (MixDA: the patched layers; MoDE: the blocks, the layer
+    class, depth and width): recorded in ``adapter_config.json``, and a rebuilt patch must match it."""
+    legacy_file: str = ""
+    """The whole-patch file of the method's own format (``save_adapters`` / ``save_experts``
+    with no domain) that :func:`~.adapter_folder.from_pretrained` also reads from a folder."""
+    legacy_format: str = ""
+    """The ``format`` in that file's metadata (:mod:`.io`)."""
+    load_legacy: Optional[Callable[[nn.Module, Any], Any]] = None
+    """``load_legacy(model, path)`` loads such a file into a model patched with its config."""
 
     def __deepcopy__(self, memo) -> "Method":
         return self                     # one per method: a copied model's state keeps it

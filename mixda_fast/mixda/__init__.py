@@ -12,7 +12,7 @@ from .config import MixDAConfig
 from .layer import MixDAFFN
 from .patching import adapters_disabled, mixda_modules, patch_mixda
 from .released import export_released, import_released, released_config
-from .saving import load_adapters, save_adapters
+from .saving import FILE_NAME, FORMAT, describe_patch, load_adapters, patch_tensors, save_adapters
 from .trainable import STAGES, unfreeze
 
 __all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters",
@@ -20,4 +20,6 @@ __all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "sav
 
 register_method(Method(
     name="mixda", title="MixDA", config_class=MixDAConfig, patch=patch_mixda, stages=STAGES, unfreeze=unfreeze,
-    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, ..."))
+    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, ...",
+    tensors=patch_tensors, describe=describe_patch, legacy_file=FILE_NAME, legacy_format=FORMAT,
+    load_legacy=load_adapters))

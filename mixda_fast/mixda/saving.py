@@ -23,13 +23,18 @@ from .config import MixDAConfig
 from ..core.patch import check_member
 from .patching import mixda_modules, mixda_state
 
-__all__ = ["save_adapters", "load_adapters", "AdapterFileNotFoundError", "FORMAT"]
+__all__ = ["save_adapters", "load_adapters", "patch_tensors", "describe_patch", "AdapterFileNotFoundError", "FORMAT",
+           "FILE_NAME"]
 
 _STRUCTURAL = ("reduction_factor", "adapter_input", "gate", "gate_hidden", "gate_layers", "mixing")
 
 
+FILE_NAME = "mixda_adapters.safetensors"
+"""The whole-patch file a folder gets (``domain=None``)."""
+
+
 def _file_name(domain: Optional[str]) -> str:
-    return "mixda_adapters.safetensors" if domain is None else f"mixda_adapter_{domain}.safetensors"
+    return FILE_NAME if domain is None else f"mixda_adapter_{domain}.safetensors"
 
 
 def _tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.Tensor]:
@@ -45,6 +50,17 @@ def _tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.Tensor]
             for key, p in m.adapters[domain].named_parameters():
                 out[f"layers.{i}.adapter.{key}"] = p
     return out
+
+
+def patch_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> live parameter of every domain adapter and gate (``layers.<i>.adapters.<domain>.*``,
+    ``layers.<i>.gate.*``): the whole-patch file's keys, and an adapter folder's."""
+    return _tensors(model, None)
+
+
+def describe_patch(model: nn.Module) -> dict:
+    """The patched layers, recorded in an adapter folder's ``adapter_config.json``."""
+    return {"layers": list(mixda_state(model, "describe_patch").layers)}
 
 
 def save_adapters(model: nn.Module, path: Union[str, os.PathLike], domain: Optional[str] = None) -> Path:

@@ -17,7 +17,8 @@ from .block import MoDEBlock
 from .config import MoDEConfig
 from ..core.patch import Method, register_method
 from .patching import experts_disabled, gate_forced, is_mode_patched, mode_blocks, patch_mode
-from .saving import compose_experts, load_experts, read_expert_metadata, save_experts
+from .saving import (FILE_NAME, FORMAT, compose_experts, describe_patch, load_experts, patch_tensors,
+                     read_expert_metadata, save_experts)
 from .trainable import MODE_STAGES, unfreeze
 
 __all__ = ["MoDEConfig", "MoDEBlock", "mode_blocks", "is_mode_patched", "experts_disabled", "gate_forced",
@@ -26,4 +27,6 @@ __all__ = ["MoDEConfig", "MoDEBlock", "mode_blocks", "is_mode_patched", "experts
 register_method(Method(
     name="mode", title="MoDE", config_class=MoDEConfig, patch=patch_mode, stages=MODE_STAGES, unfreeze=unfreeze,
     functions="mixda_fast.mode_blocks, save_experts, load_experts, gate_forced, ...",
-    stage_note=" for a MoDE-patched model", members="experts"))
+    stage_note=" for a MoDE-patched model", members="experts",
+    tensors=patch_tensors, describe=describe_patch, legacy_file=FILE_NAME, legacy_format=FORMAT,
+    load_legacy=load_experts))

@@ -22,11 +22,15 @@ from ..core.patch import check_member, is_patched, patch_model, unpatch_model
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
-__all__ = ["save_experts", "load_experts", "compose_experts", "read_expert_metadata", "FORMAT"]
+__all__ = ["save_experts", "load_experts", "compose_experts", "read_expert_metadata", "patch_tensors",
+           "describe_patch", "FORMAT", "FILE_NAME"]
+
+FILE_NAME = "mode_experts.safetensors"
+"""The whole-patch file a folder gets (``domain=None``)."""
 
 
 def _file_name(domain: Optional[str]) -> str:
-    return "mode_experts.safetensors" if domain is None else f"mode_expert_{domain}.safetensors"
+    return FILE_NAME if domain is None else f"mode_expert_{domain}.safetensors"
 
 
 def _expert_tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.Tensor]:
@@ -40,6 +44,24 @@ def _expert_tensors(model: nn.Module, domain: Optional[str]) -> dict[str, torch.
             for key, t in expert.state_dict(keep_vars=True).items():
                 out[prefix + key] = t
     return out
+
+
+def patch_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> live tensor of every expert and the full (N+1)-way gates (``blocks.<i>.experts.<name>.*``,
+    ``blocks.<i>.gate.*``): the whole-patch file's keys, and an adapter folder's."""
+    out = _expert_tensors(model, None)
+    for i, block in enumerate(mode_blocks(model)):
+        out[f"blocks.{i}.gate.weight"] = block.gate.weight
+        out[f"blocks.{i}.gate.bias"] = block.gate.bias
+    return out
+
+
+def describe_patch(model: nn.Module) -> dict:
+    """The blocks ([start, stop) layer ranges), the layer class, depth and width of the patch,
+    recorded in an adapter folder's ``adapter_config.json``."""
+    state = mode_state(model, "describe_patch")
+    return {"blocks": [[b.start, b.stop] for b in mode_blocks(model)], "layer_class": state.layer_class,
+            "num_layers": state.num_layers, "hidden_size": state.hidden_size}
 
 
 def _metadata(model: nn.Module, kind: str, domain: Optional[str]) -> dict[str, str]:
@@ -60,15 +82,15 @@ def save_experts(model: nn.Module, path: Union[str, os.PathLike], domain: Option
     """
     path = file_in(path, "save_experts", _file_name(domain), writing=True)
     check_member(model, domain, "save_experts", "mode")
-    tensors = _expert_tensors(model, domain)
-    names = mode_state(model).config.domains
-    for i, block in enumerate(mode_blocks(model)):
-        w, b = block.gate.weight.detach(), block.gate.bias.detach()
-        if domain is not None:
-            rows = [names.index(domain), len(names)]
-            w, b = w[rows], b[rows]
-        tensors[f"blocks.{i}.gate.weight"] = w
-        tensors[f"blocks.{i}.gate.bias"] = b
+    if domain is None:
+        tensors = patch_tensors(model)
+    else:
+        tensors = _expert_tensors(model, domain)
+        names = mode_state(model).config.domains
+        rows = [names.index(domain), len(names)]
+        for i, block in enumerate(mode_blocks(model)):
+            tensors[f"blocks.{i}.gate.weight"] = block.gate.weight.detach()[rows]
+            tensors[f"blocks.{i}.gate.bias"] = block.gate.bias.detach()[rows]
     return save_tensors(tensors, path, _metadata(model, "all" if domain is None else "expert", domain),
                             "save_experts")
 

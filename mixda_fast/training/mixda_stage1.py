@@ -4,7 +4,8 @@ The base model is frozen; the domain adapter and the gate train (the gate option
 with loss ``lambda * L_knowledge + L_old`` (lambda = 0.5): masked-LM (or causal-LM) cross-entropy
 on the knowledge file, and the MSE that keeps each patched layer's output on general text close
 to the unpatched layer's. Output folder: ``mixda_adapter_<domain>.safetensors`` (the domain
-adapter, loadable into any slot by stage 2), ``mixda_adapters.safetensors`` (adapter + gate),
+adapter, loadable into any slot by stage 2), the adapter folder files (``adapter_config.json``,
+``adapter_model.safetensors``: adapter + gate, ``README.md``; :mod:`mixda_fast.core.adapter_folder`),
 ``lm_head.safetensors`` when the LM head was trained, ``mixda_run.json`` (what was trained, on
 what, with which settings) and the Trainer's ``checkpoint-*`` folders when saving is on.
 """
@@ -31,7 +32,7 @@ from ..mixda.saving import save_adapters
 from .data import (KnowledgeCollator, Stage1Collator, encode_knowledge, encode_texts, load_knowledge,
                    load_texts)
 from .losses import OLD_LOSSES, Stage1Model, is_causal_lm
-from .runs import save_head, write_run
+from .runs import save_adapter_folder, save_head, write_run
 from .trainer import MixDATrainer, StageResult, StepTimer, seed_before_init, training_arguments
 
 __all__ = ["default_layers", "run_stage1", "Stage1Result"]
@@ -143,7 +144,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     files = {}
     if save and args.should_save:
         files["domain_adapter"] = save_adapters(model, output_dir, domain=domain).name
-        files["adapters"] = save_adapters(model, output_dir).name
+        files.update(save_adapter_folder(model, output_dir, base_model_path, "adapters"))
         if train_lm_head or save_lm_head:
             files["lm_head"] = save_head(model, output_dir / "lm_head.safetensors", LM_HEAD, "run_stage1", lm=True)
         write_run(output_dir, {

@@ -5,9 +5,11 @@ The K domain adapters trained in stage 1 are loaded (frozen), a task adapter is 
 size // 16, swish; Houlsby after attention too), and the gate, the task adapter and the task
 head train. Heads: sequence classification and multiple choice. With K = 1 the stage-1 gate is
 loaded too (it was trained with that adapter); with K > 1 the gate is a fresh (K+1)-way gate, as
-in the paper. Output folder: ``mixda_adapters.safetensors`` (domain adapters + gate),
-``task_adapters.safetensors``, ``head.safetensors``, ``mixda_run.json``; :func:`load_run`
-rebuilds the trained model from it.
+in the paper. Output folder: the adapter folder files (``adapter_config.json``,
+``adapter_model.safetensors``: domain adapters + the gates trained here, ``README.md``; what
+``mixda_fast.from_pretrained(base, run_dir)`` restores), ``task_adapters.safetensors``,
+``head.safetensors``, ``mixda_run.json``; :func:`load_run` rebuilds the whole trained model
+(patch, task adapters and head) from it, old folders (``mixda_adapters.safetensors``) too.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
+from ..core.adapter_folder import from_pretrained
 from ..core.families import family_of
 from ..core.io import HEAD, LM_HEAD
 from ..core.model import count_parameters, head_parameters
 from ..core.patch import is_patched, mark_trainable, patch_model
 from ..mixda.config import MixDAConfig
 from ..mixda.patching import patch_config
-from ..mixda.saving import load_adapters, save_adapters
+from ..mixda.saving import load_adapters
 from ..task_adapters import add_task_adapters, has_task_adapters, load_task_adapters, save_task_adapters
 from .data import TASKS, TaskCollator, encode_task, kshot_sample, load_task
 from .lm_head import missing_head_keys
-from .runs import load_head, load_lm, load_pretrained, read_run, save_head, write_run
+from .runs import load_head, load_lm, load_pretrained, read_run, save_adapter_folder, save_head, write_run
 from .trainer import MixDATrainer, StageResult, StepTimer, classification_metrics, training_arguments
 
 __all__ = ["build_stage2_model", "run_stage2", "load_run", "freeze_for_task", "Stage2Result", "task_model_class"]
@@ -101,10 +104,10 @@ def build_stage2_model(base: Union[str, os.PathLike, nn.Module], *, task: str = 
                 raise ValueError(f"domain adapter folder {str(d)!r} was trained on model_type="
                                  f"{run.get('model_type')!r}; this model is {model_type!r}")
         config = _domain_config(runs)
-        patch_model(model, config)
-        if len(runs) == 1 and (runs[0][0] / "mixda_adapters.safetensors").is_file():
-            load_adapters(model, runs[0][0] / "mixda_adapters.safetensors")          # adapter + its gate
+        if len(runs) == 1 and list(runs[0][1]["config"]["domains"]) == [runs[0][1]["domain"]]:
+            from_pretrained(model, runs[0][0])            # stage 1's whole patch: the adapter and its gate
         else:
+            patch_model(model, config)
             for d, run in runs:
                 load_adapters(model, d / run["files"]["domain_adapter"], domain=run["domain"])
     if task_adapter is not None:
@@ -183,7 +186,7 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
     if save and args.should_save:
         files = {}
         if is_patched(model):
-            files["adapters"] = save_adapters(model, output_dir).name
+            files.update(save_adapter_folder(model, output_dir, base_model_path, "adapters"))
         if has_task_adapters(model):
             files["task_adapters"] = save_task_adapters(model, output_dir).name
         files["head"] = save_head(model, output_dir / "head.safetensors", HEAD, "run_stage2")
@@ -212,8 +215,7 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
         raise ValueError(f"{str(run_dir)!r}: the manifest records no base model; pass base_model (--model)")
     if run["stage"] == 1:
         model, tokenizer, _ = load_lm(base)
-        patch_model(model, MixDAConfig.from_dict(run["config"]))
-        load_adapters(model, run_dir / run["files"]["adapters"])
+        from_pretrained(model, run_dir)
         if "lm_head" in run["files"]:
             load_head(model, run_dir / run["files"]["lm_head"], LM_HEAD)
     else:
@@ -224,8 +226,7 @@ def load_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = None)
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         if run.get("config"):
-            patch_model(model, MixDAConfig.from_dict(run["config"]))
-            load_adapters(model, run_dir / run["files"]["adapters"])
+            from_pretrained(model, run_dir)
         if "task_adapters" in run["files"]:
             load_task_adapters(model, run_dir / run["files"]["task_adapters"])
         load_head(model, run_dir / run["files"]["head"], HEAD)

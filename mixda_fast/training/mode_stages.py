@@ -11,8 +11,11 @@ checkpoints, resume, ``accelerate`` / ``torchrun``), the same data files and col
   (:func:`mixda_fast.compose_experts`); the gates train, and the experts unless
   ``freeze_experts``, on the same LM loss over mixed-domain text.
 
-Output folder (both stages): ``mode_experts.safetensors`` (the whole patch: experts and gates,
-what :func:`load_mode_run` rebuilds the model from), stage 1 also ``mode_expert_<domain>.safetensors``
+Output folder (both stages): the adapter folder files (``adapter_config.json``,
+``adapter_model.safetensors``: the whole patch, experts and gates, ``README.md``; what
+``mixda_fast.from_pretrained(base, run_dir)`` and :func:`load_mode_run` rebuild the model from;
+folders written before hold ``mode_experts.safetensors`` instead, which both still read), stage 1
+also ``mode_expert_<domain>.safetensors``
 (that expert and its gate rows: what stage 2 composes), ``mixda_run.json`` (``"method": "mode"``,
 the stage, config, data, metrics, log) and the Trainer's ``checkpoint-*`` folders when saving is on.
 :func:`lm_metrics` gives LM loss, perplexity and (next- or masked-) token accuracy on held-out text.
@@ -33,17 +36,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.adapter_folder import from_pretrained
 from ..core.extras import require
 from ..core.families import family_of
 from ..mode.config import MoDEConfig
 from ..mode.patching import is_mode_patched, mode_state
-from ..mode.saving import compose_experts, load_experts, save_experts
+from ..mode.saving import FILE_NAME as EXPERTS_FILE, compose_experts, save_experts
 from ..core.model import count_parameters
 from ..core.patch import check_member, is_patched, mark_trainable, patch_model
 from .data import KnowledgeCollator, encode_knowledge, load_knowledge
 from .evaluate import batches, predicted_logits
 from .losses import ModelObjective, is_causal_lm, knowledge_loss, lm_head_of
-from .runs import RUN_FILE, load_lm, read_run, write_run
+from .runs import RUN_FILE, load_lm, read_run, save_adapter_folder, write_run
 from .trainer import MixDATrainer, StageResult, StepTimer, seed_before_init, training_arguments
 
 __all__ = ["run_mode_stage1", "run_mode_stage2", "ModeResult", "LMObjective", "lm_metrics", "load_mode_run",
@@ -52,7 +56,6 @@ __all__ = ["run_mode_stage1", "run_mode_stage2", "ModeResult", "LMObjective", "l
 logger = logging.getLogger(__name__)
 
 METHOD = "mode"
-EXPERTS_FILE = "mode_experts.safetensors"
 PathOrData = Union[str, os.PathLike, Any]
 
 
@@ -250,7 +253,7 @@ def run_mode_stage1(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     files = {}
     if save and trainer.args.should_save:
         files["expert"] = save_experts(model, output_dir, domain=domain).name
-        files["experts"] = save_experts(model, output_dir / EXPERTS_FILE).name
+        files.update(save_adapter_folder(model, output_dir, base_model_path, "experts"))
         write_run(output_dir, _manifest(
             model, trainer, 1, files, causal, list(data_sources or sources), counts, metrics, max_length,
             base_model_path, {"domain": domain}))
@@ -292,7 +295,7 @@ def run_mode_stage2(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
         eval_data=eval_data)
     files = {}
     if save and trainer.args.should_save:
-        files["experts"] = save_experts(model, output_dir / EXPERTS_FILE).name
+        files.update(save_adapter_folder(model, output_dir, base_model_path, "experts"))
         write_run(output_dir, _manifest(
             model, trainer, 2, files, causal, list(data_sources or sources), counts, metrics, max_length,
             base_model_path, {"experts": [str(e) for e in experts], "expert_files": [str(f) for f in expert_files],
@@ -312,7 +315,6 @@ def load_mode_run(run_dir: Union[str, os.PathLike], base_model: Optional[str] = 
     if not base:
         raise ValueError(f"{str(run_dir)!r}: the manifest records no base model; pass base_model (--model)")
     model, tokenizer, _ = load_lm(base)
-    patch_model(model, MoDEConfig.from_dict(run["config"]))
-    load_experts(model, run_dir / run["files"]["experts"])
+    from_pretrained(model, run_dir)
     model.eval()
     return model, tokenizer, run

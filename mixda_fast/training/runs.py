@@ -1,10 +1,15 @@
 """Run folders, shared by every method's stages: the manifest (``mixda_run.json``), loading the
 base language model, and the head files.
 
-A stage writes its trained modules, a head file when a head trained (``lm_head.safetensors`` in
-stage 1, ``head.safetensors`` in stage 2) and the manifest: what was trained, on what, with which
-settings, and which file holds what. :func:`read_run` checks a manifest before anything is
-loaded from the folder; the method's ``load_run`` rebuilds the model from it.
+A stage writes its patch as a PEFT-style adapter folder (:func:`save_adapter_folder`:
+``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``; so
+``mixda_fast.from_pretrained(base, run_dir)`` works on it), a head file when a head trained
+(``lm_head.safetensors`` in stage 1, ``head.safetensors`` in stage 2) and the manifest: what only
+the CLI needs (what was trained, on what, with which settings, and which file holds what).
+:func:`read_run` checks a manifest before anything is loaded from the folder; the method's
+``load_run`` rebuilds the model from it. Folders written before the adapter-folder layout (the
+whole-patch file ``mixda_adapters.safetensors`` / ``mode_experts.safetensors`` instead) still
+load: ``from_pretrained`` reads them too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Callable, Union
 
 import torch.nn as nn
 
+from ..core.adapter_folder import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 from ..core.io import load_into, read_safetensors, save_tensors, write_json
 from ..core.model import head_parameters
 from ..core.patch import method_named, methods
@@ -26,7 +32,7 @@ from .data import TASKS
 from .lm_head import missing_head_keys
 
 __all__ = ["RUN_FILE", "RUN_FORMAT", "read_run", "write_run", "load_lm", "load_pretrained", "minilm_path", "head_named",
-           "save_head", "load_head"]
+           "save_head", "load_head", "save_adapter_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +141,14 @@ def load_pretrained(cls, path: Union[str, os.PathLike], *,
         shown = ", ".join(unexpected[:6]) + (f" and {len(unexpected) - 6} more" if len(unexpected) > 6 else "")
         logger.warning("the checkpoint %s has no weights for %s: they are freshly initialised", path, shown)
     return model, missing
+
+
+def save_adapter_folder(model: nn.Module, run_dir: Path, base_model_path, key: str) -> dict[str, str]:
+    """Write the model's patch as the run folder's adapter folder (``mixda_fast.save_pretrained``)
+    and return its manifest entries: ``key`` (the method's entry: "adapters", "experts") names
+    ``adapter_model.safetensors``, "adapter_config" names ``adapter_config.json``."""
+    save_pretrained(model, run_dir, base_model_name_or_path=base_model_path)
+    return {key: WEIGHTS_NAME, "adapter_config": CONFIG_NAME}
 
 
 def load_lm(path: Union[str, os.PathLike], **kwargs):

@@ -67,10 +67,11 @@ def test_stage1_api_trains_expert_and_gates_only(tmp_path, family):
     assert res.metrics["loss"] < start["loss"] and res.metrics["tokens"] == start["tokens"] > 0
     run = json.loads((tmp_path / "s1" / "mixda_run.json").read_text())
     assert run["method"] == "mode" and run["stage"] == 1 and run["domain"] == "colors" and run["causal"] == (family == "gpt2")
-    assert run["files"] == {"expert": "mode_expert_colors.safetensors", "experts": "mode_experts.safetensors"}
+    assert run["files"] == {"expert": "mode_expert_colors.safetensors", "experts": "adapter_model.safetensors",
+                            "adapter_config": "adapter_config.json"}
     assert run["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     # the saved files hold experts and gates only, and rebuild the trained model exactly
-    assert all(k.startswith("blocks.") for k in _tensors(tmp_path / "s1" / "mode_experts.safetensors"))
+    assert all(k.startswith("blocks.") for k in _tensors(tmp_path / "s1" / "adapter_model.safetensors"))
     rebuilt, tok2, _ = load_mode_run(tmp_path / "s1", base_model=_save_base(tmp_path, family))
     assert lm_metrics(rebuilt, tok2, colors) == lm_metrics(model, tok, colors)
     mf.unpatch_model(model)
@@ -113,8 +114,8 @@ def test_stage1_cli_checkpoints_resume_and_evaluate(tmp_path, capsys):
     assert all(".mode_blocks." in k for k in _tensors(first))        # trainable parameters only
     assert main([*args, "--output", str(tmp_path / "resumed"),
                  "--resume", str(tmp_path / "full" / "checkpoint-2")]) == 0
-    full = _tensors(tmp_path / "full" / "mode_experts.safetensors")
-    resumed = _tensors(tmp_path / "resumed" / "mode_experts.safetensors")
+    full = _tensors(tmp_path / "full" / "adapter_model.safetensors")
+    resumed = _tensors(tmp_path / "resumed" / "adapter_model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     run = json.loads((tmp_path / "full" / "mixda_run.json").read_text())
     assert run["config"]["num_blocks"] == 3 and run["config"]["expert_layers"] == 1
@@ -156,7 +157,7 @@ def test_stage2_composes_two_stage1_outputs(tmp_path, capsys):
     losses = _losses(res.log_history)
     assert losses[-1] < losses[0], losses
     stage1 = _tensors(s1[0] / "mode_expert_colors.safetensors")
-    now = _tensors(tmp_path / "s2" / "mode_experts.safetensors")
+    now = _tensors(tmp_path / "s2" / "adapter_model.safetensors")
     key = next(k for k in stage1 if ".expert." in k)
     assert not torch.equal(now[key.replace(".expert.", ".experts.colors.")], stage1[key])   # experts trained
     run = json.loads((tmp_path / "s2" / "mixda_run.json").read_text())
@@ -169,7 +170,7 @@ def test_stage2_composes_two_stage1_outputs(tmp_path, capsys):
                  str(code), "--output", str(tmp_path / "frozen"), "--freeze-experts", "--max-steps", "3",
                  "--save-steps", "3", *FAST]) == 0
     assert "2 MoDE experts composed" in capsys.readouterr().out
-    frozen = _tensors(tmp_path / "frozen" / "mode_experts.safetensors")
+    frozen = _tensors(tmp_path / "frozen" / "adapter_model.safetensors")
     for name, folder in zip(["colors", "code"], s1):
         for k, t in _tensors(folder / f"mode_expert_{name}.safetensors").items():
             if ".expert." in k:

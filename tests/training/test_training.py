@@ -100,8 +100,8 @@ def test_stage1_loss_falls_and_base_weights_stay_bit_identical(tmp_path, family)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
     assert all(torch.equal(after[n], p) for n, p in before.items())
-    assert {p.name for p in (tmp_path / "s1").iterdir()} >= {"mixda_adapter_colors.safetensors",
-                                                              "mixda_adapters.safetensors", "mixda_run.json"}
+    assert {p.name for p in (tmp_path / "s1").iterdir()} >= {"mixda_adapter_colors.safetensors", "adapter_config.json",
+                                                              "adapter_model.safetensors", "mixda_run.json"}
 
 
 def test_stage1_resume_equals_an_uninterrupted_run(tmp_path):
