@@ -238,7 +238,7 @@ def test_precision_flags(tmp_path, capfd):
         losses[name] = [h["loss"] for h in run["log_history"] if "loss" in h]
     assert len(losses["bf16"]) == 2 and all(x == x for x in losses["bf16"])          # finite, not NaN
     assert losses["bf16"] != losses["fp32"]
-    adapters = load_file(str(tmp_path / "bf16" / "mixda_adapters.safetensors"))
+    adapters = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
     assert adapters and all(v.dtype == torch.float32 for v in adapters.values())
     capfd.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -271,7 +271,7 @@ def test_quiet_prints_only_the_result_and_no_run_prints_the_load_report(tmp_path
     assert main(argv) == 0
     out, err = capfd.readouterr()
     assert out.splitlines() == [f"stage 1 done: domain adapter 'domain_0' in {tmp_path / 'quiet'} "
-                                "(mixda_adapter_domain_0.safetensors, mixda_adapters.safetensors, lm_head.safetensors)"]
+                                "(mixda_adapter_domain_0.safetensors, adapter_model.safetensors, adapter_config.json, lm_head.safetensors)"]
     for noise in ("it/s", "examples/s", "'loss'", "INFO", "LOAD REPORT"):
         assert noise not in err
     assert json.loads((tmp_path / "quiet" / "mixda_run.json").read_text())["log_history"]   # still logged
