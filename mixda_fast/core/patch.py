@@ -260,7 +260,7 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, o
     that expert) and ``"compose"`` (gates, and the experts unless ``MoDEConfig.freeze_experts``).
 
     ``model`` may be a PEFT ``PeftModel``. ``others`` says what happens to the parameters PEFT
-    added (LoRA's A and B, copies of ``modules_to_save``; :func:`~.wrappers.foreign_parameters`):
+    added (LoRA's A and B, ``modules_to_save`` wrappers; :func:`~.wrappers.foreign_parameters`):
     ``"keep"`` (default) leaves their ``requires_grad`` exactly as it was, in every stage, so
     ``get_peft_model`` then ``mark_trainable(model, "domain")`` trains LoRA and the domain
     adapters together; ``"freeze"`` freezes them with the rest (``"all"`` unfreezes them).

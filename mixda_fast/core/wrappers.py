@@ -3,7 +3,7 @@
 
 Every public function takes the model it is given or the ``PeftModel`` around it: the core
 unwraps it (:func:`unwrap`) to the transformers model, which carries the patch. PEFT's own
-parameters (LoRA's A and B, the trainable copies of ``modules_to_save``) are not the package's:
+parameters (LoRA's A and B, the ``modules_to_save`` wrappers) are not the package's:
 :func:`foreign_parameters` names them, and :func:`mixda_fast.mark_trainable` leaves their
 ``requires_grad`` as PEFT set it unless asked to freeze them.
 
@@ -20,9 +20,6 @@ import torch.nn as nn
 
 __all__ = ["unwrap", "foreign_parameters", "foreign_state_names"]
 
-_BASE_NAMES = ("base_layer", "original_module")
-"""Where PEFT's wrappers keep the module they wrap (a tuner layer; ``modules_to_save``)."""
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT ``PeftModel`` (``get_base_model()``) or a PEFT tuner
@@ -36,15 +33,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _wrapper_classes() -> tuple:
-    """PEFT's module classes that add parameters of their own around a wrapped module."""
-    found = []
-    for module, name in (("peft.tuners.tuners_utils", "BaseTunerLayer"),
-                         ("peft.utils.other", "AuxiliaryTrainingWrapper")):
+_WRAPPERS = (("peft.tuners.tuners_utils", "BaseTunerLayer", ("base_layer",)),
+             ("peft.utils.other", "AuxiliaryTrainingWrapper", ()))
+"""PEFT's module classes with members of their own, and the children that are the model's: a
+tuner layer's ``base_layer`` holds the host weights; everything under ``modules_to_save``'s
+wrapper is PEFT's (the trainable copy, and the original it keeps frozen)."""
+
+
+def _wrapper_classes() -> dict:
+    """PEFT's wrapper class -> the names of its children that are the model's (see _WRAPPERS)."""
+    found = {}
+    for module, name, model_children in _WRAPPERS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type):
-            found.append(cls)
-    return tuple(found)
+            found[cls] = model_children
+    return found
 
 
 def _foreign(model: nn.Module, members) -> Iterator[tuple[str, object]]:
@@ -54,16 +57,17 @@ def _foreign(model: nn.Module, members) -> Iterator[tuple[str, object]]:
     if not classes:
         return
     for path, module in model.named_modules():
-        if isinstance(module, classes):
+        model_children = next((c for cls, c in classes.items() if isinstance(module, cls)), None)
+        if model_children is not None:
             for name, value in members(module):
-                if name.split(".", 1)[0] not in _BASE_NAMES:
+                if name.split(".", 1)[0] not in model_children:
                     yield (f"{path}.{name}" if path else name), value
 
 
 def foreign_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters PEFT added to ``model`` (a tuner layer's own: LoRA's ``lora_A`` / ``lora_B``,
-    IA3's vectors...; the trainable copies of ``modules_to_save``), each once; the wrapped
-    modules' weights (``base_layer``, ``original_module``) are the model's, not PEFT's."""
+    """The parameters PEFT added to ``model`` or holds (a tuner layer's own: LoRA's ``lora_A`` /
+    ``lora_B``, IA3's vectors...; both sides of a ``modules_to_save`` wrapper), each once; what a
+    tuner layer wraps (``base_layer``) is the model's."""
     return list({id(p): p for _, p in _foreign(model, lambda m: m.named_parameters())}.values())
 
 

@@ -130,6 +130,8 @@ def test_mark_trainable_leaves_peft_modules_to_save_alone():
     assert any("modules_to_save" in n for n in peft_own)
     mf.mark_trainable(pm, "task")
     assert peft_own <= _trainable(pm)
+    assert not any("original_module" in n for n in _trainable(pm))   # the head PEFT shadows stays frozen
+    assert any(".gate." in n for n in _trainable(pm))
     assert not any("lora_" in n or "modules_to_save" in n for n in _trainable(mf.mark_trainable(pm, "none", others="freeze")))
 
 
