@@ -251,7 +251,7 @@ def build_case(shape: str = "bert-base", dtype: str = "fp32", domains: int = 4, 
 
     # FLOPs from the actual weight matrices: 2 x rows x (in x out) per Linear.
     n = batch * seq
-    host_mods = [layer.base_layer] + ([layer.down_proj] if layer.down_proj is not None else [])
+    host_mods = [layer.host_ffn] + ([layer.down_proj] if layer.down_proj is not None else [])
     host_params = {id(p): p for m in host_mods for p in m.parameters()}
     all_params = {id(p): p for p in layer.parameters()}
     ffn = 2.0 * n * sum(p.numel() for p in host_params.values() if p.dim() == 2)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .families import FamilySpec
+from .wrappers import unwrap
 
 __all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters"]
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformer under any task head (``model.base_model`` for HF models)."""
+    """The transformer under any task head (``model.base_model`` for HF models), also inside a
+    PEFT ``PeftModel`` (whose own ``base_model`` is PEFT's tuner)."""
+    model = unwrap(model)
     base = getattr(model, "base_model", None)
     return base if isinstance(base, nn.Module) else model
 

@@ -10,6 +10,9 @@ A method's ``patch`` builds every new module first and then changes the model on
 journal is undone in reverse and the model is exactly as it was; :func:`unpatch_model` undoes the
 same journal. ``model.config.mixda_fast`` records the method and its config for
 ``save_pretrained`` (:func:`mixda_fast.load_patched`).
+
+Every function here accepts a PEFT ``PeftModel`` for the model it wraps (:mod:`.wrappers`): the
+patch lives on the transformers model inside it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch.nn as nn
 
 from .families import FamilySpec
+from .validate import check_choice
+from .wrappers import foreign_parameters, unwrap
 
 __all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
-           "unpatch_model", "mark_trainable", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
+           "unpatch_model", "mark_trainable", "MARK_OTHERS", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
 
 STATE_ATTR = "_mixda_fast_state"
 """Attribute of a patched model that holds its :class:`PatchState`."""
@@ -143,13 +148,13 @@ def method_named(name: str) -> Optional[Method]:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """True when ``model`` carries a patch of any method."""
-    return isinstance(getattr(model, STATE_ATTR, None), PatchState)
+    """True when ``model`` (or the model a PeftModel wraps) carries a patch of any method."""
+    return isinstance(getattr(unwrap(model), STATE_ATTR, None), PatchState)
 
 
 def patch_state(model: nn.Module, fn: str, method: Optional[str] = None) -> PatchState:
     """The model's patch state; ``method`` (a name) requires that method. ``fn`` starts errors."""
-    state = getattr(model, STATE_ATTR, None)
+    state = getattr(unwrap(model), STATE_ATTR, None)
     wanted = method_named(method) if method else None
     if not isinstance(state, PatchState):
         how = f"mixda_fast.{wanted.config_class.__name__}(...)" if wanted else "config"
@@ -219,7 +224,8 @@ def patch_model(model: nn.Module, config) -> nn.Module:
 
     Returns ``model``. The base weights keep their values (freeze them with
     :func:`mark_trainable`). ``model.config.mixda_fast`` records the patch for
-    ``save_pretrained`` (:func:`mixda_fast.load_patched`). Raises TypeError/ValueError naming the
+    ``save_pretrained`` (:func:`mixda_fast.load_patched`). A PEFT ``PeftModel`` is accepted: its
+    transformers model is patched, and the PeftModel is returned. Raises TypeError/ValueError naming the
     argument on bad input, and then the model is exactly as it was. See each method's ``patch``
     (:func:`mixda_fast.mixda.patching.patch_mixda`, :func:`mixda_fast.mode.patching.patch_mode`).
     """
@@ -232,12 +238,13 @@ def patch_model(model: nn.Module, config) -> nn.Module:
     if is_patched(model):
         raise ValueError("patch_model: model is already patched; call mixda_fast.unpatch_model(model) "
                          "before patching it again")
+    target = unwrap(model)                   # a PeftModel: the transformers model inside it
     journal = Journal()
     try:
-        state = method.patch(model, config, journal)
+        state = method.patch(target, config, journal)
         state.method, state.journal = method, journal
-        _record_patch(model, journal, method.name, state.config.to_dict())
-        setattr(model, STATE_ATTR, state)
+        _record_patch(target, journal, method.name, state.config.to_dict())
+        setattr(target, STATE_ATTR, state)
     except BaseException:
         journal.undo()
         raise
@@ -249,11 +256,15 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     computes exactly what it computed before :func:`patch_model`. Returns ``model``."""
     state = patch_state(model, "unpatch_model")
     state.journal.undo()
-    delattr(model, STATE_ATTR)
+    delattr(unwrap(model), STATE_ATTR)
     return model
 
 
-def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -> nn.Module:
+MARK_OTHERS = ("keep", "freeze")
+"""What :func:`mark_trainable` does with parameters another adapter library added (PEFT's)."""
+
+
+def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, others: str = "keep") -> nn.Module:
     """Set ``requires_grad`` for a training stage; everything else is frozen. Returns ``model``.
 
     Every method has ``"none"`` (nothing trains) and ``"all"`` (everything: the full fine-tuning
@@ -261,10 +272,19 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -
     gates; with ``domain``, only that domain's adapters and the gates) and ``"task"`` (gates, task
     adapters and the task head); MoDE adds ``"domain"`` (experts and gates; with ``domain`` only
     that expert) and ``"compose"`` (gates, and the experts unless ``MoDEConfig.freeze_experts``).
+
+    ``model`` may be a PEFT ``PeftModel``. ``others`` says what happens to the parameters PEFT
+    added (LoRA's A and B, ``modules_to_save`` wrappers; :func:`~.wrappers.foreign_parameters`):
+    ``"keep"`` (default) leaves their ``requires_grad`` exactly as it was, in every stage, so
+    ``get_peft_model`` then ``mark_trainable(model, "domain")`` trains LoRA and the domain
+    adapters together; ``"freeze"`` freezes them with the rest (``"all"`` unfreezes them).
+    The host model's own weights (under PEFT's ``base_layer`` too) are frozen either way.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"mark_trainable: model={type(model).__name__} is not accepted: expected a torch.nn.Module")
-    state = getattr(model, STATE_ATTR, None)
+    check_choice("mark_trainable: others", others, MARK_OTHERS)
+    target = unwrap(model)
+    state = getattr(target, STATE_ATTR, None)
     method = state.method if isinstance(state, PatchState) else None
     stages = method.stages if method else tuple(dict.fromkeys(s for m in _METHODS.values() for s in m.stages))
     if stage not in stages:
@@ -273,10 +293,13 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -
     if domain is not None and stage != "domain":
         raise ValueError(f"mark_trainable: domain={domain!r} is only accepted with stage='domain', got stage={stage!r}")
     if stage not in ("none", "all"):
-        state = patch_state(model, "mark_trainable")
-        check_member(model, domain, "mark_trainable", method.name)
-    for p in model.parameters():
+        state = patch_state(target, "mark_trainable")
+        check_member(target, domain, "mark_trainable", method.name)
+    kept = [(p, p.requires_grad) for p in foreign_parameters(target)] if others == "keep" else []
+    for p in target.parameters():
         p.requires_grad_(stage == "all")
     if method is not None and stage not in ("none", "all"):
-        method.unfreeze(model, state, stage, domain)
+        method.unfreeze(target, state, stage, domain)
+    for p, flag in kept:
+        p.requires_grad_(flag)
     return model

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..core.families import FamilySpec, linear_weight
+from ..core.families import FamilySpec, linear_weight, projection_features
 from .. import ops
 from ..ops.activations import activation_code
 from .modules import hooked
@@ -57,17 +57,18 @@ class Host:
         self.code = activation_code(self.act)                        # None: the fused ops lack it
         self._projections = (self.first, self.down) + ((self.up,) if gated else ())
         self._fusable = self.code is not None and all(_exact_projection(m) for m in self._projections)
+        self.down_exact = _exact_projection(self.down)     # False: W2 is called as a module (PEFT LoRA)
         paths = (spec.up, spec.act, spec.gate_proj, spec.post, None if down_proj is not None else spec.down)
         self._links = _links(base_layer, [spec.rel(p) for p in paths if p])
 
     def sizes(self, layer_index: int) -> tuple[int, int]:
         """(D, F) from W2 (D, F); a ValueError when the up projection (F, D) does not fit it."""
-        up_w, _ = linear_weight(self.up if self.up is not None else self.first)
-        down_w, _ = linear_weight(self.down)
-        if up_w.shape[0] != down_w.shape[1] or up_w.shape[1] != down_w.shape[0]:
-            raise ValueError(f"patch_model: layer {layer_index}: up projection {tuple(up_w.shape)} "
-                             f"does not fit down projection {tuple(down_w.shape)}")
-        return down_w.shape[0], down_w.shape[1]
+        up = projection_features(self.up if self.up is not None else self.first)
+        down = projection_features(self.down)
+        if up[0] != down[1] or up[1] != down[0]:
+            raise ValueError(f"patch_model: layer {layer_index}: up projection {up} "
+                             f"does not fit down projection {down}")
+        return down
 
     def holds(self, base_layer: nn.Module, down_proj: Optional[nn.Module]) -> bool:
         """Whether this Host still describes the layer's host: the same ``base_layer`` and

@@ -1,9 +1,11 @@
 """The patched feed-forward network: host FFN + K domain adapters + softmax gate (MixDA).
 
 docs/design.md section 1. :class:`MixDAFFN` replaces one layer's FFN module in place and keeps the
-original as ``base_layer`` (PEFT's shape). It computes the whole FFN with the host's own modules
-(:class:`~.host.Host`, looked up at patch time), so with the adapters off it is the host FFN bit
-for bit; a forward picks one computation and runs the shared epilogue once.
+original as ``host_ffn`` (not as ``base_layer``: PEFT takes any module with that attribute for one
+of its own tuner layers, and its ``merge_and_unload`` would try to merge it). It computes the whole
+FFN with the host's own modules (:class:`~.host.Host`, looked up at patch time), so with the
+adapters off it is the host FFN bit for bit; a forward picks one computation and runs the shared
+epilogue once.
 """
 
 from __future__ import annotations
@@ -39,18 +41,18 @@ class MixDAFFN(nn.Module):
 
     FORMULATIONS = ("fused", "folded", "paper")
 
-    def __init__(self, base_layer: nn.Module, spec: FamilySpec, config: MixDAConfig,
+    def __init__(self, host_ffn: nn.Module, spec: FamilySpec, config: MixDAConfig,
                  down_proj: Optional[nn.Module], calls: CallState, layer_index: int):
         super().__init__()
-        self.base_layer = base_layer
-        self.down_proj = down_proj           # BERT's second projection, moved here; else in base_layer
+        self.host_ffn = host_ffn
+        self.down_proj = down_proj           # BERT's second projection, moved here; else in host_ffn
         self._spec = spec
         self._calls = calls                  # per-call state: attention mask, old-knowledge captures
         self.layer_index = layer_index
         self.mixda_config = config
         self.formulation = "fused"
         self.adapters_enabled = True
-        self._host = Host(base_layer, spec, down_proj)
+        self._host = Host(host_ffn, spec, down_proj)
         self.hidden_size, self.intermediate_size = self._host.sizes(layer_index)
         z_width = self.intermediate_size if config.adapter_input == "intermediate" else self.hidden_size
         self.bottleneck = self.intermediate_size // config.reduction_factor
@@ -71,8 +73,8 @@ class MixDAFFN(nn.Module):
     def host(self) -> Host:
         """The host FFN's parts (:class:`~.host.Host`), built again after a module was swapped."""
         host = self._host
-        if not host.holds(self.base_layer, self.down_proj):
-            host = self._host = Host(self.base_layer, self._spec, self.down_proj)
+        if not host.holds(self.host_ffn, self.down_proj):
+            host = self._host = Host(self.host_ffn, self._spec, self.down_proj)
         return host
 
     def host_intermediate(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,9 @@ class MixDAFFN(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)          # copy.deepcopy gives each parameter storage of its own
-        self._host = Host(self.base_layer, self._spec, self.down_proj)   # (also for older pickles)
+        if "base_layer" in self._modules:    # pickled before the host FFN was renamed host_ffn
+            self._modules = {("host_ffn" if k == "base_layer" else k): v for k, v in self._modules.items()}
+        self._host = Host(self.host_ffn, self._spec, self.down_proj)   # (also for older pickles)
         self._gate_plan = GatePlan(self.gate)
         self.pack_for_forward()
 
@@ -189,9 +193,10 @@ class MixDAFFN(nn.Module):
 
     def _folded(self, x, host):
         h, z, logits = self._mix_inputs(x, host)
-        w2, b2 = linear_weight(host.down)
+        w2, b2 = linear_weight(host.down) if host.down_exact else (None, None)
+        f = None if host.down_exact else host.down(h)           # a wrapped W2 (PEFT LoRA): its own forward
         return folded_form(z, h, w2, b2, *self.stacked_adapter_params(), logits, self.mixda_config.mixing,
-                           return_f=True)
+                           f=f, return_f=True)
 
     def _paper(self, x, host):
         h, z, logits = self._mix_inputs(x, host)

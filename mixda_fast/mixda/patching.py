@@ -2,7 +2,7 @@
 :func:`mixda_fast.patch_model`), and what a patched model offers.
 
 PEFT's shape: :func:`patch_mixda` swaps each chosen layer's FFN module for a
-:class:`~mixda_fast.mixda.layer.MixDAFFN` that keeps the original as ``base_layer``; every change
+:class:`~mixda_fast.mixda.layer.MixDAFFN` that keeps the original as ``host_ffn``; every change
 goes through the core's journal, so ``unpatch_model`` (or a failed patch) puts every original
 module back and the model computes exactly what it did before. Every new module is built before
 the first swap.

@@ -152,7 +152,7 @@ def test_gate_dropout_reaches_every_case_and_only_the_gate_trains_with_it(capsys
     case = mb.build_case(TINY, "fp32", 2, 2, 4, gate="token", training=True, contenders=("fused",), gate_dropout=0.2)
     layer = case.layer
     assert case.spec.gate_dropout == 0.2
-    assert layer.gate.training and not layer.base_layer.training   # dropout on in the gate alone
+    assert layer.gate.training and not layer.host_ffn.training   # dropout on in the gate alone
     assert layer._fused_gate_params()[2] == 0.2
     inference = mb.build_case(TINY, "fp32", 2, 2, 4, gate="token", contenders=("fused",), gate_dropout=0.2)
     assert not inference.layer.gate.training

@@ -280,7 +280,7 @@ def test_hf_weight_init_leaves_adapters_alone(family):
     model = tiny_model(family)
     mf.patch_model(model, mf.MixDAConfig(num_domains=2, layers=[0]))
     layer = mf.mixda_modules(model)[0]
-    before = {n: p.clone() for n, p in layer.named_parameters() if "base_layer" not in n}
+    before = {n: p.clone() for n, p in layer.named_parameters() if "host_ffn" not in n}
     model.initialize_weights()
     model.apply(model._initialize_weights)
     assert all(torch.equal(layer.get_parameter(n), p) for n, p in before.items())

@@ -68,13 +68,13 @@ def test_all_meta_inputs_stay_a_meta_computation(op):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("formulation", ["fused", "folded", "paper"])
-@pytest.mark.parametrize("where", ["adapters.domain_0.up.weight", "gate.1.weight", "base_layer"])
+@pytest.mark.parametrize("where", ["adapters.domain_0.up.weight", "gate.1.weight", "host_ffn"])
 def test_a_patched_model_with_one_parameter_on_meta_refuses_to_run(family, formulation, where):
     model = randomize_patch(mf.patch_model(tiny_model(family), mf.MixDAConfig(num_domains=2, gate_hidden=16)))
     layer = mf.mixda_modules(model)[1]
     layer.formulation = formulation
-    if where == "base_layer":
-        name, p = next((n, p) for n, p in layer.named_parameters() if n.startswith("base_layer"))
+    if where == "host_ffn":
+        name, p = next((n, p) for n, p in layer.named_parameters() if n.startswith("host_ffn"))
     else:
         name, p = where, layer.get_parameter(where)
     owner, _, leaf = name.rpartition(".")

@@ -402,7 +402,7 @@ def test_unknown_activation_falls_back_to_folded():
     model = tiny_model("bert")
     mf.patch_model(model, mf.MixDAConfig(num_domains=2))
     layer = mf.mixda_modules(model)[0]
-    layer.base_layer.intermediate_act_fn = torch.nn.Tanh()
+    layer.host_ffn.intermediate_act_fn = torch.nn.Tanh()
     assert not layer.host.fusable()
     x = torch.randn(2, 3, layer.hidden_size)
     out = layer(x)
