@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch.nn as nn
 
 from .families import FamilySpec
+from .model import check_trainable
 
 __all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
            "unpatch_model", "mark_trainable", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
@@ -261,8 +262,16 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -
     if stage not in ("none", "all"):
         state = patch_state(model, "mark_trainable")
         check_member(model, domain, "mark_trainable", method.name)
-    for p in model.parameters():
-        p.requires_grad_(stage == "all")
-    if method is not None and stage not in ("none", "all"):
-        method.unfreeze(model, state, stage, domain)
+    if stage == "all":
+        check_trainable(model, model.parameters(), "mark_trainable: stage='all'")
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(stage == "all")
+        if method is not None and stage not in ("none", "all"):
+            method.unfreeze(model, state, stage, domain)
+    except Exception:                    # a method's refusal (a quantized head) leaves the flags as they were
+        for p, flag in before:
+            p.requires_grad_(flag)
+        raise
     return model

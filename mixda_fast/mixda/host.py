@@ -6,6 +6,10 @@ them. It holds modules, not tensors: the weights are read from the modules on ev
 ``.to()``, an optimizer step or ``load_state_dict(assign=True)`` never leaves a stale tensor. A
 module swapped after patching (a new activation, a wrapped projection) is noticed by
 :meth:`Host.holds`, and the layer then builds a new Host.
+
+Only exact projections (``core.projections.is_exact``) are ever read; a quantized or wrapped one
+(bitsandbytes, torch.ao dynamic int8, PEFT LoRA) is called as a module, its sizes taken from
+``in_features`` / ``out_features`` and the adapters' dtype from what it computes in.
 """
 
 from __future__ import annotations
@@ -16,16 +20,12 @@ import torch
 import torch.nn as nn
 
 from ..core.families import FamilySpec, linear_weight
+from ..core.projections import compute_dtype, is_exact, projection_device, projection_shape
 from .. import ops
 from ..ops.activations import activation_code
 from .modules import hooked
 
 __all__ = ["Host"]
-
-
-def _exact_projection(m: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D exactly: its forward is x W^T + b."""
-    return type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
 
 
 def _links(root: nn.Module, rel_paths: list) -> tuple:
@@ -56,18 +56,31 @@ class Host:
         self.post_module = sub(spec.post) if spec.post else None      # GPT-2's dropout after W2
         self.code = activation_code(self.act)                        # None: the fused ops lack it
         self._projections = (self.first, self.down) + ((self.up,) if gated else ())
-        self._fusable = self.code is not None and all(_exact_projection(m) for m in self._projections)
+        self._fusable = self.code is not None and all(is_exact(m) for m in self._projections)
+        self._down_exact = is_exact(self.down)                        # else W2 is called, never read
         paths = (spec.up, spec.act, spec.gate_proj, spec.post, None if down_proj is not None else spec.down)
         self._links = _links(base_layer, [spec.rel(p) for p in paths if p])
 
     def sizes(self, layer_index: int) -> tuple[int, int]:
-        """(D, F) from W2 (D, F); a ValueError when the up projection (F, D) does not fit it."""
-        up_w, _ = linear_weight(self.up if self.up is not None else self.first)
-        down_w, _ = linear_weight(self.down)
-        if up_w.shape[0] != down_w.shape[1] or up_w.shape[1] != down_w.shape[0]:
-            raise ValueError(f"patch_model: layer {layer_index}: up projection {tuple(up_w.shape)} "
-                             f"does not fit down projection {tuple(down_w.shape)}")
-        return down_w.shape[0], down_w.shape[1]
+        """(D, F) from W2 (D, F); a ValueError when the up projection (F, D) does not fit it.
+        Shapes are (out, in) by ``core.projections.projection_shape``: never a packed weight's."""
+        where = f"layer {layer_index}:"
+        up = projection_shape(self.up if self.up is not None else self.first, "patch_model", where + " up projection")
+        down = projection_shape(self.down, "patch_model", where + " down projection")
+        if up != down[::-1]:
+            raise ValueError(f"patch_model: {where} up projection {up} does not fit down projection {down}")
+        return down
+
+    def factory(self, default_dtype: torch.dtype) -> dict:
+        """``device`` and ``dtype`` for modules that add to W2's output (adapters, gate): W2's
+        device and the dtype it computes in (``core.projections.compute_dtype``; a quantized W2's
+        storage is int8 or packed), ``default_dtype`` (the model's) where W2 does not say."""
+        return dict(device=projection_device(self.down), dtype=compute_dtype(self.down, default_dtype))
+
+    def down_weight(self) -> Optional[tuple]:
+        """(W2, b2) in nn.Linear layout where W2 is an exact projection; None where it must be
+        called as a module (quantized, wrapped)."""
+        return linear_weight(self.down) if self._down_exact else None
 
     def holds(self, base_layer: nn.Module, down_proj: Optional[nn.Module]) -> bool:
         """Whether this Host still describes the layer's host: the same ``base_layer`` and
