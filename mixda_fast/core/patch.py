@@ -15,6 +15,7 @@ same journal. ``model.config.mixda_fast`` records the method and its config for
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from .families import FamilySpec
 from .model import check_trainable
+from .projections import without_backward
 
 __all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
            "unpatch_model", "mark_trainable", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
@@ -264,6 +266,13 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None) -
         check_member(model, domain, "mark_trainable", method.name)
     if stage == "all":
         check_trainable(model, model.parameters(), "mark_trainable: stage='all'")
+    blocked = without_backward(model) if stage != "none" else []
+    if blocked:
+        warnings.warn(
+            f"mark_trainable: {len(blocked)} modules (first: {blocked[0]!r}) are torch.ao dynamic quantized "
+            "Linear, which has no backward in PyTorch: no gradient passes through them, so a loss reaches the "
+            "trainable parameters only around them (not at all through a quantized head). Train on the float "
+            "model and load the adapters into the quantized one (README 'Quantized base models')", stacklevel=2)
     before = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p in model.parameters():

@@ -8,7 +8,7 @@ module in a projection's place is *called*, never read: bitsandbytes' ``Linear8b
 (64, 32) projection stores a (1024, 1) uint8 tensor), torch.ao's dynamic int8 ``Linear`` (its
 weight sits behind a method, packed), PEFT's LoRA-wrapped ``Linear``. Its sizes come from
 ``in_features`` / ``out_features`` (its own, or its ``base_layer``'s), and modules built beside it
-(adapters, gates) take the dtype it computes in (:func:`compute_dtype`), never the storage dtype.
+(adapters, gates) take the dtype it returns (:func:`output_dtype`), never the storage dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +21,20 @@ import torch.nn as nn
 
 from .families import linear_weight
 
-__all__ = ["is_exact", "projection_shape", "compute_dtype", "projection_device", "floating_dtype"]
+__all__ = ["is_exact", "projection_shape", "output_dtype", "projection_device", "floating_dtype",
+           "without_backward"]
+
+
+def _ao_dynamic_linear() -> tuple:
+    """(torch.ao's dynamic quantized Linear class,), or () where torch no longer has it (deprecated)."""
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear
+    except ImportError:
+        return ()
+    return (Linear,)
+
+
+_AO_DYNAMIC_LINEAR = _ao_dynamic_linear()
 
 
 def is_exact(m: nn.Module) -> bool:
@@ -52,21 +65,19 @@ def projection_shape(m: nn.Module, fn: str, what: str) -> tuple[int, int]:
     return shape
 
 
-def compute_dtype(m: nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype ``m`` takes and returns: an exact projection's weight dtype; bitsandbytes 4-bit's
-    ``compute_dtype``; float32 for torch.ao's dynamic quantized Linear (its only float dtype); a
-    wrapper's ``base_layer``'s; a floating ``weight``'s; else ``default`` (the model's dtype:
-    bitsandbytes 8-bit returns its input's dtype)."""
+def output_dtype(m: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype ``m`` returns, which modules adding to its output (adapters, gates) must have:
+    an exact projection's weight dtype; float32 for torch.ao's dynamic quantized Linear (it takes
+    and returns float32 only); a wrapper's ``base_layer``'s; a floating ``weight``'s; else
+    ``default``, the model's dtype: bitsandbytes' 8-bit and 4-bit Linear return their input's
+    dtype, whatever the 4-bit ``compute_dtype`` they compute in (bf16 inside an fp32 model)."""
     if is_exact(m):
         return linear_weight(m)[0].dtype
-    dtype = getattr(m, "compute_dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+    if isinstance(m, _AO_DYNAMIC_LINEAR):
         return torch.float32
     base = getattr(m, "base_layer", None)
     if isinstance(base, nn.Module):
-        return compute_dtype(base, default)
+        return output_dtype(base, default)
     weight = getattr(m, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return weight.dtype
@@ -85,3 +96,10 @@ def floating_dtype(model: nn.Module) -> torch.dtype:
     and norms keep it), else torch's default dtype."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.get_default_dtype()
+
+
+def without_backward(model: nn.Module) -> list[str]:
+    """Names of the modules no gradient passes through: torch.ao's dynamic quantized Linear, for
+    which PyTorch registers no autograd kernel (backward drops the gradient there and warns that
+    the result may be silently incorrect)."""
+    return [n for n, m in model.named_modules() if isinstance(m, _AO_DYNAMIC_LINEAR)]

@@ -9,7 +9,7 @@ module swapped after patching (a new activation, a wrapped projection) is notice
 
 Only exact projections (``core.projections.is_exact``) are ever read; a quantized or wrapped one
 (bitsandbytes, torch.ao dynamic int8, PEFT LoRA) is called as a module, its sizes taken from
-``in_features`` / ``out_features`` and the adapters' dtype from what it computes in.
+``in_features`` / ``out_features`` and the adapters' dtype from what it returns.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..core.families import FamilySpec, linear_weight
-from ..core.projections import compute_dtype, is_exact, projection_device, projection_shape
+from ..core.projections import is_exact, output_dtype, projection_device, projection_shape
 from .. import ops
 from ..ops.activations import activation_code
 from .modules import hooked
@@ -73,9 +73,9 @@ class Host:
 
     def factory(self, default_dtype: torch.dtype) -> dict:
         """``device`` and ``dtype`` for modules that add to W2's output (adapters, gate): W2's
-        device and the dtype it computes in (``core.projections.compute_dtype``; a quantized W2's
+        device and the dtype it returns (``core.projections.output_dtype``; a quantized W2's
         storage is int8 or packed), ``default_dtype`` (the model's) where W2 does not say."""
-        return dict(device=projection_device(self.down), dtype=compute_dtype(self.down, default_dtype))
+        return dict(device=projection_device(self.down), dtype=output_dtype(self.down, default_dtype))
 
     def down_weight(self) -> Optional[tuple]:
         """(W2, b2) in nn.Linear layout where W2 is an exact projection; None where it must be

@@ -60,7 +60,7 @@ class MixDAFFN(nn.Module):
                 f"MixDAConfig.reduction_factor={config.reduction_factor} is not accepted for this model: "
                 f"the bottleneck intermediate_size // reduction_factor = {self.intermediate_size} // "
                 f"{config.reduction_factor} = 0; use a reduction_factor <= {self.intermediate_size}")
-        # W2's compute dtype, not its storage (int8 / packed 4-bit on a quantized host): the model's
+        # the dtype W2 returns, not its storage (int8 / packed 4-bit on a quantized host): the model's
         # dtype (``default_dtype``, from patch_model) where W2 does not say
         factory = self._host.factory(default_dtype or torch.get_default_dtype())
         self.adapters = nn.ModuleDict({

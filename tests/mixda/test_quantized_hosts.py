@@ -12,6 +12,8 @@ The tiny models are 64 wide: bitsandbytes' CPU 4-bit inference kernel (AVX512-BF
 in_features >= its 64-wide quantization block.
 """
 
+import contextlib
+import copy
 import warnings
 
 import pytest
@@ -28,7 +30,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               # torch.ao's dynamic Linear registers no autograd kernel (README "Quantized base models")
               pytest.mark.filterwarnings("ignore:quantized::linear_dynamic"),
               pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
-              pytest.mark.filterwarnings("ignore:.*quantize_per_tensor")]
+              pytest.mark.filterwarnings("ignore:.*quantize_per_tensor"),
+              pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated")]
 
 FAMILIES = ("bert", "gpt2", "llama")      # moved W2 (BERT), Conv1D (GPT-2), gated (Llama)
 D, F_PLAIN = 64, 128
@@ -166,6 +169,12 @@ def test_patch_is_exact_on_a_quantized_base(tmp_path, kind, family):
 MixDAFFN_FORMULATIONS = mf.MixDAFFN.FORMULATIONS
 
 
+def _no_backward_warning(kind):
+    """torch.ao's dynamic Linear has no backward: mark_trainable says so (README)."""
+    return pytest.warns(UserWarning, match="torch.ao dynamic quantized Linear, which has no backward") \
+        if kind == "ao" else contextlib.nullcontext()
+
+
 def _step(model, loss):
     """backward + one SGD step over the parameters that require grad; returns their names."""
     loss.backward()
@@ -183,7 +192,8 @@ def test_stage1_stage2_and_saved_adapters_on_a_quantized_base(tmp_path, kind, fa
     model = quantized(kind, family, tmp_path)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     mf.patch_model(model, config)
-    mf.mark_trainable(model, "domain")
+    with _no_backward_warning(kind):
+        mf.mark_trainable(model, "domain")
     inputs = batch(family)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     wrapper = losses.Stage1Model(model).train()
@@ -215,7 +225,8 @@ def test_stage1_stage2_and_saved_adapters_on_a_quantized_base(tmp_path, kind, fa
     mf.patch_model(cls, config)
     mf.load_adapters(cls, saved)
     mf.add_task_adapters(cls, "houlsby", reduction_factor=4)
-    mf.mark_trainable(cls, "task")
+    with _no_backward_warning(kind):
+        mf.mark_trainable(cls, "task")
     cls.train()
     domain = {n: p.detach().clone() for n, p in cls.named_parameters() if ".adapters." in n}
     trainable = _step(cls, cls(**inputs, labels=torch.tensor([0, 1, 2])).loss)
@@ -292,3 +303,81 @@ def test_both_stages_run_through_the_trainer_on_a_bitsandbytes_base(tmp_path):
     assert "accuracy" in res.metrics
     assert torch.equal(mf.mixda_modules(cls)[1].adapters["colors"].up.weight, up)   # frozen in stage 2
     assert not cls._hf_peft_config_loaded                       # the Trainer's flag was set for its check only
+
+
+@pytest.mark.skipif(bool(BNB_MISSING), reason=BNB_MISSING or "-")
+@pytest.mark.parametrize("model_dtype, quant, expected", [
+    (torch.float32, dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16), torch.float32),
+    (torch.bfloat16, dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16), torch.bfloat16),
+    (torch.bfloat16, dict(load_in_8bit=True), torch.bfloat16),
+], ids=["4bit-bf16-compute-fp32-model", "4bit-bf16", "8bit-bf16"])
+def test_adapters_take_the_dtype_the_quantized_projection_returns(tmp_path, model_dtype, quant, expected):
+    """bitsandbytes returns its input's dtype (the model's), whatever its 4-bit compute dtype: the
+    adapters and gates are built in that, and the patched model is still the quantized one exactly."""
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(_config("llama")).save_pretrained(tmp_path / "m")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=tf.BitsAndBytesConfig(**quant),
+                                                    dtype=model_dtype, device_map="cpu").eval()
+    inputs = batch("llama")
+    ref = _logits(model, inputs)
+    mf.patch_model(model, mf.MixDAConfig(domains=["a", "b"], mixing="residual", gate_hidden=16))
+    m = mf.mixda_modules(model)[0]
+    assert {p.dtype for p in list(m.adapters.parameters()) + list(m.gate.parameters())} == {expected}
+    assert torch.equal(_logits(model, inputs), ref)
+    randomize_patch(model)
+    out = _logits(model, inputs)
+    assert out.dtype == ref.dtype and torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+class _Wrapped(nn.Module):
+    """A projection wrapper in PEFT's shape: not an exact projection, the sizes on ``base_layer``."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x):
+        return self.base_layer(x) * 1.0
+
+
+@pytest.mark.parametrize("kind", ["float", "ao"])
+def test_a_wrapped_projection_is_called_with_sizes_from_its_base_layer(tmp_path, kind):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_config("llama")).eval()
+    if kind == "ao":
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    for layer in model.base_model.layers:
+        layer.mlp.down_proj = _Wrapped(layer.mlp.down_proj)
+    inputs = batch("llama")
+    ref = _logits(model, inputs)
+    mf.patch_model(model, mf.MixDAConfig(domains=["a"], mixing="residual", gate_hidden=16))
+    m = mf.mixda_modules(model)[0]
+    assert (m.hidden_size, m.intermediate_size) == (D, F_PLAIN) and not m.host.fusable()
+    assert m.adapters["a"].up.weight.dtype == torch.float32
+    assert torch.equal(_logits(model, inputs), ref)
+    mf.unpatch_model(model)
+    assert torch.equal(_logits(model, inputs), ref)
+
+
+def test_adapters_trained_on_the_float_model_load_into_its_torch_ao_quantized_copy(tmp_path):
+    """The workflow README recommends for torch.ao (no backward through its quantized Linear):
+    train on the float model, quantize a copy, load the adapters; its output is the float patched
+    model's up to the int8 error, and exactly the float model's with the adapters off."""
+    torch.manual_seed(0)
+    float_model = tf.AutoModelForCausalLM.from_config(_config("llama")).eval()
+    config = mf.MixDAConfig(domains=["d"], gate_hidden=16)
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, dtype=torch.qint8)
+    inputs = batch("llama")
+    ref_quant = _logits(quant, inputs)
+    mf.patch_model(float_model, config)
+    randomize_patch(float_model, std=0.05)                       # stands for stage 1
+    saved = mf.save_adapters(float_model, tmp_path / "a.safetensors")
+    mf.patch_model(quant, config)
+    mf.load_adapters(quant, saved)
+    want, got = _logits(float_model, inputs), _logits(quant, inputs)
+    assert not torch.equal(got, ref_quant)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    with mf.adapters_disabled(quant):
+        assert torch.equal(_logits(quant, inputs), ref_quant)
+    with pytest.warns(UserWarning, match=r"mark_trainable: \d+ modules \(first: 'model.layers.0.self_attn.q_proj'\)"):
+        mf.mark_trainable(quant, "domain")
