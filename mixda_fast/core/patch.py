@@ -18,6 +18,7 @@ patch lives on the transformers model inside it.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -26,6 +27,8 @@ import torch.nn as nn
 from .families import FamilySpec
 from .validate import check_choice
 from .wrappers import foreign_parameters, unwrap
+from .model import check_trainable
+from .projections import without_backward
 
 __all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
            "unpatch_model", "mark_trainable", "MARK_OTHERS", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
@@ -295,11 +298,26 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, o
     if stage not in ("none", "all"):
         state = patch_state(target, "mark_trainable")
         check_member(target, domain, "mark_trainable", method.name)
+    if stage == "all":
+        check_trainable(target, target.parameters(), "mark_trainable: stage='all'")
+    blocked = without_backward(target) if stage != "none" else []
+    if blocked:
+        warnings.warn(
+            f"mark_trainable: {len(blocked)} modules (first: {blocked[0]!r}) are torch.ao dynamic quantized "
+            "Linear, which has no backward in PyTorch: no gradient passes through them, so a loss reaches the "
+            "trainable parameters only around them (not at all through a quantized head). Train on the float "
+            "model and load the adapters into the quantized one (README 'Quantized base models')", stacklevel=2)
     kept = [(p, p.requires_grad) for p in foreign_parameters(target)] if others == "keep" else []
-    for p in target.parameters():
-        p.requires_grad_(stage == "all")
-    if method is not None and stage not in ("none", "all"):
-        method.unfreeze(target, state, stage, domain)
+    before = [(p, p.requires_grad) for p in target.parameters()]
+    try:
+        for p in target.parameters():
+            p.requires_grad_(stage == "all")
+        if method is not None and stage not in ("none", "all"):
+            method.unfreeze(target, state, stage, domain)
+    except Exception:                    # a method's refusal (a quantized head) leaves the flags as they were
+        for p, flag in before:
+            p.requires_grad_(flag)
+        raise
     for p, flag in kept:
         p.requires_grad_(flag)
     return model

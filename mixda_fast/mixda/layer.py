@@ -42,7 +42,8 @@ class MixDAFFN(nn.Module):
     FORMULATIONS = ("fused", "folded", "paper")
 
     def __init__(self, host_ffn: nn.Module, spec: FamilySpec, config: MixDAConfig,
-                 down_proj: Optional[nn.Module], calls: CallState, layer_index: int):
+                 down_proj: Optional[nn.Module], calls: CallState, layer_index: int,
+                 default_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.host_ffn = host_ffn
         self.down_proj = down_proj           # BERT's second projection, moved here; else in host_ffn
@@ -61,7 +62,9 @@ class MixDAFFN(nn.Module):
                 f"MixDAConfig.reduction_factor={config.reduction_factor} is not accepted for this model: "
                 f"the bottleneck intermediate_size // reduction_factor = {self.intermediate_size} // "
                 f"{config.reduction_factor} = 0; use a reduction_factor <= {self.intermediate_size}")
-        factory = dict(device=self._host.down.weight.device, dtype=self._host.down.weight.dtype)
+        # the dtype W2 returns, not its storage (int8 / packed 4-bit on a quantized host): the model's
+        # dtype (``default_dtype``, from patch_model) where W2 does not say
+        factory = self._host.factory(default_dtype or torch.get_default_dtype())
         self.adapters = nn.ModuleDict({
             name: DomainAdapter(z_width, self.bottleneck, self.hidden_size, config.adapter_init, **factory)
             for name in config.domains})
@@ -193,8 +196,8 @@ class MixDAFFN(nn.Module):
 
     def _folded(self, x, host):
         h, z, logits = self._mix_inputs(x, host)
-        w2, b2 = linear_weight(host.down) if host.down_exact else (None, None)
-        f = None if host.down_exact else host.down(h)           # a wrapped W2 (PEFT LoRA): its own forward
+        w2, b2 = host.down_weight() or (None, None)
+        f = host.down(h) if w2 is None else None      # a quantized / wrapped W2 is called, never read
         return folded_form(z, h, w2, b2, *self.stacked_adapter_params(), logits, self.mixda_config.mixing,
                            f=f, return_f=True)
 

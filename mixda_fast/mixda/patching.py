@@ -21,6 +21,7 @@ from ..core.call_state import CallState
 from ..core.families import FamilySpec, family_of, is_causal
 from ..core.model import base_model_of, layer_list
 from ..core.patch import Journal, PatchState, attribute_set, patch_state
+from ..core.projections import floating_dtype
 from .config import MixDAConfig
 from .layer import FFNOutputBypass, MixDAFFN
 from .state_dict_names import register_name_hooks
@@ -105,6 +106,7 @@ def patch_mixda(model: nn.Module, config: MixDAConfig, journal: Journal) -> MixD
     config = _resolved(config, model, spec, model_type)
     base = base_model_of(model)
     calls = CallState(base, host_layers)
+    dtype = floating_dtype(model)        # the adapters' dtype where a quantized W2 does not say its own
 
     # Build everything first: nothing in the model changes until every module exists.
     plans = []
@@ -118,7 +120,7 @@ def patch_mixda(model: nn.Module, config: MixDAConfig, journal: Journal) -> MixD
         if not spec.rel(spec.down):
             down_parent, down_name = _split_parent(layer, spec.down)
             moved = (down_parent, down_name, getattr(down_parent, down_name))
-        new = MixDAFFN(base_ffn, spec, config, moved[2] if moved else None, calls, i)
+        new = MixDAFFN(base_ffn, spec, config, moved[2] if moved else None, calls, i, dtype)
         new.train(base_ffn.training)     # a model patched in eval mode stays in eval mode
         plans.append((ffn_parent, ffn_name, new, moved))
 

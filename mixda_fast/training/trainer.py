@@ -17,6 +17,7 @@ linear schedule) is the Trainer's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .losses import Stage1Model
 from ..core.validate import check_float
 from ..core.extras import require
 from ..core.model import gate_parameters
+from ..core.patch import attribute_set, is_patched
 from ..core.io import TRAINABLE, load_into, read_safetensors, save_tensors
 
 __all__ = ["MixDATrainer", "StepTimer", "classification_metrics", "accuracy_and_macro_f1",
@@ -149,6 +151,17 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _quantized_with_adapters(model) -> contextlib.AbstractContextManager:
+    """transformers' Trainer refuses a quantized model ("purely quantized") unless it carries PEFT
+    adapters, which it reads from ``_hf_peft_config_loaded`` once, while it is built. A patched
+    quantized model with trainable parameters (adapters, gates, head) is such a model: the flag
+    is set for that check only."""
+    if (getattr(model, "is_quantized", False) and is_patched(model) and hasattr(model, "_hf_peft_config_loaded")
+            and any(p.requires_grad for p in model.parameters())):
+        return attribute_set([model], "_hf_peft_config_loaded", True)
+    return contextlib.nullcontext()
+
+
 class MixDATrainer(transformers.Trainer):
     """``Trainer`` whose ``compute_loss`` adds ``knowledge_weight * L_knowledge + old_weight *
     L_old`` for stage 1 and whose checkpoints hold the trainable parameters only. With
@@ -161,7 +174,8 @@ class MixDATrainer(transformers.Trainer):
         if gate_learning_rate is not None:      # None: the learning rate of everything else
             check_float("MixDATrainer: gate_learning_rate", gate_learning_rate, 0.0, lo_open=True)
         self.gate_learning_rate = gate_learning_rate
-        super().__init__(*args, **kwargs)
+        with _quantized_with_adapters(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         if self.args.log_level in ("warning", "error", "critical"):     # quiet: no progress bar, no per-step dicts
             self.remove_callback(transformers.trainer_callback.PrinterCallback)
             self.remove_callback(transformers.trainer_callback.ProgressCallback)
