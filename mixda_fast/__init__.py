@@ -12,7 +12,8 @@ from .core.io import AdapterFileNotFoundError
 from .core.model import count_parameters
 from .core.patch import is_patched, mark_trainable, patch_model, unpatch_model
 from .core.pretrained import load_patched
-from .mixda import MixDAConfig, MixDAFFN, adapters_disabled, load_adapters, mixda_modules, save_adapters
+from .mixda import (MixDAConfig, MixDAFFN, adapters_disabled, domain_forced, gate_weights, load_adapters,
+                    mixda_modules, save_adapters)
 from .mode import (MoDEBlock, MoDEConfig, compose_experts, experts_disabled, gate_forced, load_experts,
                    mode_blocks, save_experts)
 from .ops import get_backend, kernels_available, set_backend
@@ -23,6 +24,7 @@ from .version import __version__
 __all__ = [
     "MixDAConfig", "FamilySpec", "FAMILIES", "register_family", "MixDAFFN",
     "patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled", "load_patched",
+    "domain_forced", "gate_weights",
     "save_adapters", "load_adapters", "AdapterFileNotFoundError",
     "mark_trainable", "count_parameters",
     "kernels_available", "set_backend", "get_backend", "__version__",

@@ -11,11 +11,13 @@ from ..core.patch import Method, register_method
 from .config import MixDAConfig
 from .layer import MixDAFFN
 from .patching import adapters_disabled, mixda_modules, patch_mixda
+from .routing import domain_forced, gate_weights
 from .saving import load_adapters, save_adapters
 from .trainable import STAGES, unfreeze
 
-__all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters"]
+__all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters",
+           "domain_forced", "gate_weights"]
 
 register_method(Method(
     name="mixda", title="MixDA", config_class=MixDAConfig, patch=patch_mixda, stages=STAGES, unfreeze=unfreeze,
-    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, ..."))
+    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, domain_forced, ..."))
