@@ -228,3 +228,20 @@ def test_rows_of_a_block_checked_at_the_first_layer_and_hooks_gone_after_unpatch
     assert torch.equal(_out(copied, batch("bert"), mixda_domains="bio"), _out(model, batch("bert"), mixda_domains="bio"))
     mf.unpatch_model(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (pre, post)
+
+
+def test_generate_under_domain_forced_gives_each_row_its_domain():
+    """generate() refuses keywords the model's forward does not name, so it forces through the
+    block; each row of a mixed batch generates what it generates alone with its domain."""
+    model = _patched("llama", head="lm")
+    inputs = batch("llama", B=2, T=6, pad=False)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with mf.domain_forced(model, ["bio", "news"]):
+        mixed = model.generate(**inputs, **kw)
+    for b, d in enumerate(["bio", "news"]):
+        with mf.domain_forced(model, d):
+            alone = model.generate(**{k: v[b:b + 1] for k, v in inputs.items()}, **kw)
+        assert torch.equal(mixed[b], alone[0])
+    with mf.domain_forced(model, "bio"), mf.domain_forced(model, "news"):
+        other = model.generate(**inputs, **kw)
+    assert not torch.equal(mixed, other)
