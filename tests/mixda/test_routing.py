@@ -245,3 +245,20 @@ def test_generate_under_domain_forced_gives_each_row_its_domain():
     with mf.domain_forced(model, "bio"), mf.domain_forced(model, "news"):
         other = model.generate(**inputs, **kw)
     assert not torch.equal(mixed, other)
+
+
+def test_unpatched_or_mode_models_and_bad_layers_are_refused():
+    model = tiny_model("bert")
+    for fn in (lambda: mf.domain_forced(model, "bio"), lambda: mf.gate_weights(model)):
+        with pytest.raises(ValueError, match="(domain_forced|gate_weights): model=BertModel is not patched with MixDA"):
+            with fn():
+                pass
+    mf.patch_model(model, mf.MoDEConfig(num_blocks=1, num_experts=2, expert_layers=1))
+    with pytest.raises(ValueError, match="domain_forced: .* is patched with MoDE, not MixDA"):
+        with mf.domain_forced(model, "bio"):
+            pass
+    model = _patched()
+    for layers, exc in (("0", TypeError), ([0, 9], ValueError), ([True], TypeError)):
+        with pytest.raises(exc, match="domain_forced.*layer"):
+            with mf.domain_forced(model, "bio", layers=layers):
+                pass
