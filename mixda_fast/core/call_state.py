@@ -137,8 +137,9 @@ class CallState:
             self._var.reset(token)
 
     def chosen(self, choices: dict) -> Frame:
-        """The enclosing frame, nested, with ``choices`` over its own (:meth:`choosing`; a hook
-        pair :meth:`enter` s and :meth:`leave` s it)."""
+        """A frame nested in the enclosing one (:meth:`Frame.nested`), with ``choices`` over its
+        own: what :meth:`choosing` sets, and what a pair of hooks passes to :meth:`enter` and
+        :meth:`leave`."""
         outer = self._enclosing().nested()
         outer.choices = {**outer.choices, **choices}
         return outer
@@ -157,12 +158,12 @@ class CallState:
 
     # -- hooks on the base model -------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
-        frame = Frame(_attention_mask(self._position, args, kwargs))
+        outer = None
         if not torch.compiler.is_compiling():
             self.wrap_checkpointing()
-            outer = self._var.get()
-            if outer is not None:              # inside collecting() / choosing(), or a call within a call
-                frame.captures, frame.stop_after, frame.choices = outer.captures, outer.stop_after, outer.choices
+            outer = self._var.get()            # inside collecting() / choosing(), or a call within a call
+        frame = Frame() if outer is None else outer.nested()
+        frame.mask = _attention_mask(self._position, args, kwargs)
         self.enter(frame)
 
     def _post(self, module, args, kwargs, output):

@@ -119,8 +119,8 @@ def gate_weight_means(model, tok, texts: dict, max_length: int = 64) -> dict:
     for kind, batch in texts.items():
         with torch.no_grad(), gate_weights(model) as calls:
             hidden_states(model, tok, batch, max_length=max_length)
-        out[kind] = {layer: torch.cat([c[layer].reshape(-1, c[layer].shape[-1]) for c in calls]).mean(0).tolist()
-                     for layer in calls[0]}
+        rows = {layer: torch.cat([c[layer].reshape(-1, c[layer].shape[-1]) for c in calls]) for layer in calls[0]}
+        out[kind] = {layer: w.mean(0).tolist() for layer, w in rows.items()}
     return {"entries": list(config.domains) + (["ffn"] if config.mixing == "paper" else []), "texts": out}
 
 

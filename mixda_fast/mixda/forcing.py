@@ -43,7 +43,7 @@ SUM_TOLERANCE = 1e-5
 
 ACCEPTED = ("a domain name, weights (a dict domain -> weight, or a sequence of the gate's {E} weights in "
             "the order {order}; non-negative, finite, sum 1), a list of those (or None: the gate) with one "
-            "per batch row, or a dict layer index -> one of those")
+            "per batch row, or a dict layer index -> one of those (or None: the gate)")
 
 
 class Forced:
@@ -92,7 +92,7 @@ class GateRecorder:
 
 
 def forced_for(frame: Optional[Frame], layer: int) -> Optional[Forced]:
-    """The forced weights of ``layer`` in the call of ``frame``, or None."""
+    """The forced weights of ``layer`` in the call of ``frame``, or None (the gate decides)."""
     return None if frame is None else frame.choices.get(FORCED, {}).get(layer)
 
 
@@ -187,7 +187,7 @@ def parse(spec, names: list, width: int, layers: list, where: str, only=None) ->
     if wrong:
         raise ValueError(f"{where}: layer {wrong[0]} is not accepted: the patched layers are {layers}")
     if per_layer:
-        return {i: _forced(v, names, width, f"{where}[{i}]", v) for i, v in spec.items()}
+        return {i: None if v is None else _forced(v, names, width, f"{where}[{i}]", v) for i, v in spec.items()}
     forced = _forced(spec, names, width, where, spec)
     return {i: forced for i in chosen}
 
@@ -211,7 +211,7 @@ class KeywordHook:
                 raise RuntimeError(f"{fn}: {KEYWORD}= is not accepted under torch.compile: force domains with "
                                    "the eager model")
             forced = parse(spec, self.names, self.width, self.layers, f"{fn}: {KEYWORD}")
-            rows = {f.rows for f in forced.values()} - {None}
+            rows = {f.rows for f in forced.values() if f is not None} - {None}
             B = _batch_size(args, kwargs)
             if rows and B is not None and rows != {B}:
                 raise ValueError(f"{fn}: {KEYWORD}={spec!r} is not accepted: {rows.pop()} rows for a batch of {B}; "

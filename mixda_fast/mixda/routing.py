@@ -37,7 +37,8 @@ def domain_forced(model: nn.Module, domains, layers: Optional[Sequence[int]] = N
       K domains, then the FFN under paper mixing, E = K + 1): non-negative, finite, sum 1;
     - a list with one of those per batch row (or None: that row keeps the gate), so a batch
       mixing requests of several domains runs in one forward;
-    - a dict layer index -> one of those (then ``layers`` must be None).
+    - a dict layer index -> one of those, or None: that layer's gate decides, also where an
+      enclosing block forced it (then ``layers`` must be None).
 
     Every check is made here, before the block runs (the row count against the batch at the
     first patched layer). Nested blocks and ``mixda_domains=`` override layer by layer."""

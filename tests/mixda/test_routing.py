@@ -107,6 +107,8 @@ def test_weights_per_layer_and_nesting():
         assert torch.equal(_out(model, inputs, mixda_domains={0: "bio", 2: "law"}),
                            _out(copy.deepcopy(model), inputs, mixda_domains={0: "bio", 1: "news", 2: "law"}))
         assert torch.equal(_out(model, inputs, mixda_domains=None), _out(model, inputs))
+        assert torch.equal(_out(model, inputs, mixda_domains={1: None}),               # back to the gate
+                           _out(copy.deepcopy(model), inputs, mixda_domains={0: "news", 2: "news"}))
     assert not torch.equal(per_layer, _out(model, inputs, mixda_domains="bio"))
 
 
@@ -225,7 +227,8 @@ def test_rows_of_a_block_checked_at_the_first_layer_and_hooks_gone_after_unpatch
     with mf.domain_forced(model, ["bio", "law"]), pytest.raises(ValueError, match="2 rows, the batch has 3"):
         _out(model, batch("bert", B=3, T=8))
     copied = copy.deepcopy(model)                                  # a copy forces on its own
-    assert torch.equal(_out(copied, batch("bert"), mixda_domains="bio"), _out(model, batch("bert"), mixda_domains="bio"))
+    inputs = batch("bert")
+    assert torch.equal(_out(copied, inputs, mixda_domains="bio"), _out(model, inputs, mixda_domains="bio"))
     mf.unpatch_model(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (pre, post)
 
