@@ -48,6 +48,7 @@ class Frame:
         self.blocks: dict = {}                # MoDE block index -> (args, kwargs) of its first layer
         self.choices: dict = {}               # what the caller chose for the call, keyed by the method;
                                               # read-only once set (calls within a call share it)
+        self.opened_by: Any = None            # the hook that opened it, where a hook pair enters and leaves it
 
     def nested(self) -> "Frame":
         """A frame for a call made inside this one: it collects into the same list, stops at the

@@ -48,10 +48,10 @@ ACCEPTED = ("a domain name, weights (a dict domain -> weight, or a sequence of t
 
 class Forced:
     """The fixed gate weights of one layer for one call: ``weights`` (E,) for every row or (B, E)
-    per row; ``learned`` (B,) bool marks rows that the gate decides (None: no such row)."""
+    per row (rows the gate decides are ignored); ``learned`` (B,) bool marks rows that the gate
+    decides (None: no such row)."""
 
     def __init__(self, weights: torch.Tensor, learned: Optional[torch.Tensor] = None):
-        self.weights = weights                         # float64, rows of learned rows are ignored
         self.learned = learned
         self.rows = None if weights.dim() == 1 else weights.shape[0]
         self._logits = torch.log(weights.float())      # log(0) = -inf: a zero weight stays exactly 0
@@ -213,17 +213,17 @@ class KeywordHook:
             forced = parse(spec, self.names, self.width, self.layers, f"{fn}: {KEYWORD}")
             rows = {f.rows for f in forced.values() if f is not None} - {None}
             B = _batch_size(args, kwargs)
-            if rows and B is not None and rows != {B}:
-                raise ValueError(f"{fn}: {KEYWORD}={spec!r} is not accepted: {rows.pop()} rows for a batch of {B}; "
-                                 "expected one choice per batch row")
+            if B is not None and rows - {B}:
+                raise ValueError(f"{fn}: {KEYWORD}={spec!r} is not accepted: {min(rows - {B})} rows for a batch of "
+                                 f"{B}; expected one choice per batch row")
             frame = self.calls.chosen({FORCED: {**forced_now(self.calls), **forced}})
-            frame.opened_by = self                 # the forward hook leaves only a frame opened here
+            frame.opened_by = self                 # the forward hook leaves only a frame it opened
             self.calls.enter(frame)
         return args, kwargs
 
     def leave(self, module, args, kwargs, output):
         frame = self.calls.current()
-        if frame is not None and getattr(frame, "opened_by", None) is self:
+        if frame is not None and frame.opened_by is self:
             self.calls.leave()
 
 
