@@ -16,8 +16,8 @@ from .core.io import AdapterFileNotFoundError
 from .core.model import count_parameters
 from .core.patch import is_patched, mark_trainable, patch_model, unpatch_model
 from .core.pretrained import load_patched
-from .mixda import (MixDAConfig, MixDAFFN, adapters_disabled, export_released, import_released, load_adapters,
-                    mixda_modules, released_config, save_adapters)
+from .mixda import (MixDAConfig, MixDAFFN, adapters_disabled, domain_forced, export_released, gate_weights,
+                    import_released, load_adapters, mixda_modules, released_config, save_adapters)
 from .mode import (MoDEBlock, MoDEConfig, compose_experts, experts_disabled, gate_forced, load_experts,
                    mode_blocks, save_experts)
 from .ops import get_backend, kernels_available, set_backend
@@ -28,6 +28,7 @@ from .version import __version__
 __all__ = [
     "MixDAConfig", "FamilySpec", "FAMILIES", "register_family", "MixDAFFN",
     "patch_model", "unpatch_model", "mixda_modules", "is_patched", "adapters_disabled", "load_patched",
+    "domain_forced", "gate_weights",
     "save_adapters", "load_adapters", "AdapterFileNotFoundError",
     "import_released", "export_released", "released_config",
     "save_pretrained", "from_pretrained", "read_adapter_config",

@@ -9,14 +9,13 @@ stage 2 on the task, and returns the measures of both stages.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 __all__ = ["Method", "Seed", "run_method", "stage1_measures", "seed_setup", "stage1_args", "train_task",
-           "mixda_config", "patched_copy", "run_mixda_stage1", "gate_weights", "mean_gate_weights"]
+           "mixda_config", "patched_copy", "run_mixda_stage1", "mean_gate_weights"]
 
 
 @dataclass(frozen=True)
@@ -49,27 +48,14 @@ class Seed:
     trainable: dict = field(default_factory=dict)     # MixDA's counts, for LoRA's rank
 
 
-@contextmanager
-def gate_weights(model):
-    """Collects the softmax of every MixDA gate's output while the block runs: yields a list
-    that fills with (rows, E) tensors, one per gate call (rows: sequences or tokens)."""
-    from ..mixda.modules import MixDAGate
-
-    seen: list = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().float().softmax(-1)
-                                                                       .reshape(-1, out.shape[-1])))
-             for m in model.modules() if isinstance(m, MixDAGate)]
-    try:
-        yield seen
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def mean_gate_weights(model, run) -> list:
-    """The mean softmax weight of each expert over every gate call that ``run()`` makes."""
-    with gate_weights(model) as seen:
+    """The mean softmax weight of each expert over every gate row (sequence or token) of every
+    patched layer in every forward call that ``run()`` makes (``mixda_fast.gate_weights``)."""
+    from ..mixda.routing import gate_weights
+
+    with gate_weights(model) as calls:
         run()
+    seen = [w.reshape(-1, w.shape[-1]) for call in calls for w in call.values()]
     return torch.cat(seen).mean(0).tolist() if seen else []
 
 

@@ -2,8 +2,9 @@
 
 A patched layer needs a little state that is not among its inputs: the attention mask of the
 call (the sequence gate reads the last real token), the list the old-knowledge loss collects
-``(y, f)`` pairs into, and MoDE's block inputs between the hooks on a block's first and last
-layer. That state belongs to one *call*, not to the model, so that
+``(y, f)`` pairs into, what the caller chose for the call (``Frame.choices``: a method's keys,
+e.g. gate weights forced at run time), and MoDE's block inputs between the hooks on a block's
+first and last layer. That state belongs to one *call*, not to the model, so that
 
 - two threads running one model at once never see each other's state (it lives in a
   :class:`contextvars.ContextVar`, one value per thread and per asyncio task);
@@ -45,6 +46,16 @@ class Frame:
         self.captures: Optional[list] = None  # (y, f) pairs of the old-knowledge loss, when collecting
         self.stop_after: Optional[int] = None  # layer index after which the forward stops (StopForward)
         self.blocks: dict = {}                # MoDE block index -> (args, kwargs) of its first layer
+        self.choices: dict = {}               # what the caller chose for the call, keyed by the method;
+                                              # read-only once set (calls within a call share it)
+        self.opened_by: Any = None            # the hook that opened it, where a hook pair enters and leaves it
+
+    def nested(self) -> "Frame":
+        """A frame for a call made inside this one: it collects into the same list, stops at the
+        same layer and sees the same choices."""
+        frame = Frame()
+        frame.captures, frame.stop_after, frame.choices = self.captures, self.stop_after, self.choices
+        return frame
 
 
 @torch.compiler.disable
@@ -108,13 +119,35 @@ class CallState:
     def collecting(self, captures: list, stop_after: Optional[int] = None) -> Iterator[Frame]:
         """Forward calls inside the block append each patched layer's (y, f) to ``captures``
         and, with ``stop_after``, raise :class:`StopForward` after that layer."""
-        outer = Frame()
+        outer = self._enclosing().nested()
         outer.captures, outer.stop_after = captures, stop_after
         token = self._var.set(outer)
         try:
             yield outer
         finally:
             self._var.reset(token)
+
+    @contextlib.contextmanager
+    def choosing(self, choices: dict) -> Iterator[Frame]:
+        """Forward calls inside the block see ``choices`` in ``Frame.choices``, over (key by key)
+        the choices of an enclosing block; in this thread or asyncio task only."""
+        token = self._var.set(self.chosen(choices))
+        try:
+            yield self._var.get()
+        finally:
+            self._var.reset(token)
+
+    def chosen(self, choices: dict) -> Frame:
+        """A frame nested in the enclosing one (:meth:`Frame.nested`), with ``choices`` over its
+        own: what :meth:`choosing` sets, and what a pair of hooks passes to :meth:`enter` and
+        :meth:`leave`."""
+        outer = self._enclosing().nested()
+        outer.choices = {**outer.choices, **choices}
+        return outer
+
+    def _enclosing(self) -> Frame:
+        frame = self._var.get()
+        return Frame() if frame is None else frame
 
     def run_in(self, frame: Optional[Frame], fn: Callable, *args, **kwargs) -> Any:
         """``fn(*args, **kwargs)`` with ``frame`` as the current frame (checkpoint recomputation)."""
@@ -126,12 +159,12 @@ class CallState:
 
     # -- hooks on the base model -------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
-        frame = Frame(_attention_mask(self._position, args, kwargs))
+        outer = None
         if not torch.compiler.is_compiling():
             self.wrap_checkpointing()
-            outer = self._var.get()
-            if outer is not None:              # inside collecting(), or a call within a call
-                frame.captures, frame.stop_after = outer.captures, outer.stop_after
+            outer = self._var.get()            # inside collecting() / choosing(), or a call within a call
+        frame = Frame() if outer is None else outer.nested()
+        frame.mask = _attention_mask(self._position, args, kwargs)
         self.enter(frame)
 
     def _post(self, module, args, kwargs, output):

@@ -20,8 +20,10 @@ to the word embeddings) and says so; every method starts from that same head, fr
 Reported: fact exact-match after stage 1 (the knowledge base, whole target masked), task
 accuracy and macro-F1 on held-out people after stage 2, general-text drift after stage 1 (mean
 relative change of the encoder's last hidden states on held-out Python-docs sentences), median
-time per training step, trainable parameters. Prints a table, writes ``loss_curves.png``,
-``accuracy.png``, ``speed.png`` and ``results.json``.
+time per training step, trainable parameters; the stage-2 MixDA model's mean gate weights per
+layer on a few facts, task sentences and general sentences (``mixda_fast.gate_weights``).
+Prints a table, writes ``loss_curves.png``, ``accuracy.png``, ``speed.png``,
+``gate_weights.png`` and ``results.json``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 
 from ..core.extras import require
 
-__all__ = ["DemoSettings", "run_demo", "main"]
+__all__ = ["DemoSettings", "run_demo", "gate_weight_means", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,23 @@ def _stage2_summary(model, tok, data, res, labels, trainable) -> dict:
             "trainable": trainable, "history": res.trainer.state.log_history}
 
 
+def gate_weight_means(model, tok, texts: dict, max_length: int = 64) -> dict:
+    """{"entries": the gate's entries (domains, then "ffn" under paper mixing), "texts": {kind:
+    {layer: mean softmax weight per entry}}} of a MixDA-patched model over each kind's texts."""
+    from ..mixda.patching import patch_config
+    from ..mixda.routing import gate_weights
+    from ..training.evaluate import hidden_states
+
+    config = patch_config(model)
+    out = {}
+    for kind, batch in texts.items():
+        with torch.no_grad(), gate_weights(model) as calls:
+            hidden_states(model, tok, batch, max_length=max_length)
+        rows = {layer: torch.cat([c[layer].reshape(-1, c[layer].shape[-1]) for c in calls]) for layer in calls[0]}
+        out[kind] = {layer: w.mean(0).tolist() for layer, w in rows.items()}
+    return {"entries": list(config.domains) + (["ffn"] if config.mixing == "paper" else []), "texts": out}
+
+
 def _train_knowledge_only(model, tok, data, s: DemoSettings, lr: float, out: Path):
     """Stage 1 of the baselines: the same Trainer and masked-LM loss on the knowledge base."""
     from ..training.baselines import train_masked_lm
@@ -135,7 +154,7 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
 
     from ..core.model import count_parameters
     from ..mixda.config import MixDAConfig
-    from ..training.data import load_task
+    from ..training.data import load_knowledge, load_task, load_texts
     from ..training.evaluate import fact_exact_match, hidden_states
     from ..training.lm_head import fit_mlm_head, missing_head_keys
     from ..training.mixda_stage1 import run_stage1
@@ -215,6 +234,10 @@ def run_demo(out_dir, settings: Optional[DemoSettings] = None, model_path: Optio
     echo("\n[4/7] MixDA stage 2: domain adapter frozen; Pfeiffer task adapter + gate + classifier")
     model = build_stage2_model(copy.deepcopy(cls_base), num_labels=len(labels), domain_runs=[out / "mixda_stage1"])
     results["methods"]["MixDA"] = {"stage1": mixda_s1, "stage2": stage2(model, s.lr_stage2_adapters, "mixda_stage2")}
+    texts = {"facts": list(load_knowledge(data.knowledge)["text"][:8]),
+             "task sentences": list(load_task(data.task_test)[0]["text"][:8]),
+             "general text": list(load_texts(data.general_eval)["text"][:8])}
+    results["gate_weights"] = gate_weight_means(model, tok, texts)
 
     echo("\n[5/7] task adapter only: Pfeiffer task adapter + classifier, no domain knowledge")
     model = build_stage2_model(copy.deepcopy(cls_base), num_labels=len(labels))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_all"]
+__all__ = ["plot_all", "plot_gate_weights"]
 
 COLORS = {"MixDA": "#1f77b4", "task adapter only": "#7f7f7f", "LoRA": "#ff7f0e", "full fine-tuning": "#d62728"}
 
@@ -14,8 +14,39 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def plot_gate_weights(gate: dict, path) -> Path:
+    """One panel per gate entry (domain, or the FFN under paper mixing): its mean softmax weight
+    per patched layer, one bar per kind of text. ``gate`` is what ``demo.mixda.gate_weight_means``
+    returns. A gate of one entry (K = 1, residual mixing, the demo's default) weighs it 1 by
+    construction, and the title says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries, texts = gate["entries"], gate["texts"]
+    layers = list(next(iter(texts.values())))
+    fig, axes = plt.subplots(1, len(entries), figsize=(1.5 + 3.2 * len(entries), 3.4), squeeze=False)
+    width = 0.8 / len(texts)
+    for e, (ax, entry) in enumerate(zip(axes[0], entries)):
+        for i, (kind, per_layer) in enumerate(texts.items()):
+            ax.bar([j + i * width for j in range(len(layers))], [per_layer[l][e] for l in layers], width, label=kind)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], [str(l) for l in layers])
+        ax.set(title=f"gate weight of {entry!r}", xlabel="layer", ylim=(0, 1.05))
+    axes[0][0].set_ylabel("mean softmax weight")
+    axes[0][-1].legend(fontsize=7)
+    if len(entries) == 1:
+        fig.suptitle("one gate entry: its weight is 1 by construction", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict, out_dir) -> list[Path]:
-    """loss_curves.png, accuracy.png, speed.png from the demo's results dict; returns the paths."""
+    """loss_curves.png, accuracy.png, speed.png (and gate_weights.png where the results hold gate
+    weights) from the demo's results dict; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,4 +120,6 @@ def plot_all(results: dict, out_dir) -> list[Path]:
     paths.append(out / "speed.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    if results.get("gate_weights"):
+        paths.append(plot_gate_weights(results["gate_weights"], out / "gate_weights.png"))
     return paths

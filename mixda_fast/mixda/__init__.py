@@ -12,14 +12,15 @@ from .config import MixDAConfig
 from .layer import MixDAFFN
 from .patching import adapters_disabled, mixda_modules, patch_mixda
 from .released import export_released, import_released, released_config
+from .routing import domain_forced, gate_weights
 from .saving import FILE_NAME, FORMAT, describe_patch, load_adapters, patch_tensors, save_adapters
 from .trainable import STAGES, unfreeze
 
 __all__ = ["MixDAConfig", "MixDAFFN", "mixda_modules", "adapters_disabled", "save_adapters", "load_adapters",
-           "import_released", "export_released", "released_config"]
+           "import_released", "export_released", "released_config", "domain_forced", "gate_weights"]
 
 register_method(Method(
     name="mixda", title="MixDA", config_class=MixDAConfig, patch=patch_mixda, stages=STAGES, unfreeze=unfreeze,
-    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, ...",
+    functions="mixda_fast.mixda_modules, save_adapters, load_adapters, adapters_disabled, domain_forced, ...",
     tensors=patch_tensors, describe=describe_patch, legacy_file=FILE_NAME, legacy_format=FORMAT,
     load_legacy=load_adapters))

@@ -19,7 +19,7 @@ from ..core.call_state import CallState, StopForward
 from .config import MixDAConfig
 from ..core.families import FamilySpec, linear_weight
 from .. import ops
-from . import packing
+from . import forcing, packing
 from .formulations import folded_form, paper_form
 from .host import Host
 from .modules import (DomainAdapter, FFNOutputBypass, GatePlan, MixDAGate, last_index,  # noqa: F401
@@ -135,7 +135,21 @@ class MixDAFFN(nn.Module):
         return self._gate_plan.params()
 
     def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, E) per sequence from the last non-padding token, or (B, T, E) per token."""
+        """(B, E) per sequence from the last non-padding token, or (B, T, E) per token; for z (B, T, Din).
+
+        Where the call forces this layer's weights (``mixda_fast.domain_forced``, ``mixda_domains=``:
+        :mod:`.forcing`) they are (B, E) logits log(w) for either gate, and the gate runs only for
+        rows left to it; where the call records gate weights (``mixda_fast.gate_weights``) their
+        softmax is kept."""
+        frame = self._calls.current()
+        forced = forcing.forced_for(frame, self.layer_index)
+        learned = None if forced is not None and forced.learned is None else self._learned_logits(z)
+        logits = learned if forced is None else forced.logits(z.shape[0], z, learned, "MixDAFFN.forward")
+        forcing.record(frame, self.layer_index, logits, z.shape[1] if self.mixda_config.gate == "token" else None)
+        return logits
+
+    def _learned_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """What the gate says."""
         if self.mixda_config.gate != "token":
             frame = None if self.mixda_config.paper_gate_bug else self._calls.current(strict=True)
             z = last_token(z, None if frame is None else frame.mask)          # (B, Din)

@@ -23,6 +23,7 @@ from ..core.model import base_model_of, layer_list
 from ..core.patch import Journal, PatchState, attribute_set, patch_state
 from ..core.projections import floating_dtype
 from .config import MixDAConfig
+from .forcing import KeywordHook
 from .layer import FFNOutputBypass, MixDAFFN
 from .state_dict_names import register_name_hooks
 
@@ -130,6 +131,9 @@ def patch_mixda(model: nn.Module, config: MixDAConfig, journal: Journal) -> MixD
         if moved:
             journal.swap(moved[0], moved[1], FFNOutputBypass())
     journal.hook(*calls.register(base))
+    keyword = KeywordHook(calls, config.domains, config.gate_width, layers)     # model(..., mixda_domains=)
+    journal.hook(model.register_forward_pre_hook(keyword, with_kwargs=True, prepend=True),
+                 model.register_forward_hook(keyword.leave, with_kwargs=True, always_call=True))
     journal.hook(*register_name_hooks([host_layers[i] for i in layers], spec))
     for _, _, new, _ in plans:
         new.pack_for_forward()           # now, not in a forward: threads may share the model

@@ -10,7 +10,7 @@ import transformers as tf
 
 from mixda_fast.benchmarks.quality import ABLATIONS, METHODS, QualitySettings, aggregate, run_quality
 from mixda_fast.benchmarks.quality_data import DOMAINS, build_quality_data
-from mixda_fast.benchmarks.quality_methods import gate_weights
+from mixda_fast.benchmarks.quality_methods import mean_gate_weights
 from mixda_fast.cli import main
 from mixda_fast.training.data import load_knowledge, load_task
 
@@ -46,7 +46,7 @@ def test_aggregate_is_mean_and_spread_over_seeds():
     assert aggregate([{"stage1": None, "stage2": {"acc": 1.0}}])["stage1"] is None
 
 
-def test_gate_weights_are_the_softmax_of_every_gate_call():
+def test_mean_gate_weights_average_every_layer_and_call():
     import mixda_fast as mf
 
     torch.manual_seed(0)
@@ -54,13 +54,16 @@ def test_gate_weights_are_the_softmax_of_every_gate_call():
                                        num_attention_heads=2)).eval()
     mf.patch_model(model, mf.MixDAConfig(domains=["a", "b"], gate_hidden=8))
     ids = torch.randint(5, 50, (3, 7))
-    with gate_weights(model) as seen:
-        model(input_ids=ids)
-    assert len(seen) == 2 and all(w.shape == (3, 3) for w in seen)       # two layers, 3 sequences, K + 1
-    torch.testing.assert_close(torch.cat(seen).sum(-1), torch.ones(6))
     with torch.no_grad():
-        model(input_ids=ids)
-    assert len(seen) == 2                                                 # the hooks are gone
+        mean = mean_gate_weights(model, lambda: (model(input_ids=ids), model(input_ids=ids[:1])))
+        with mf.gate_weights(model) as calls:
+            model(input_ids=ids), model(input_ids=ids[:1])
+    assert len(mean) == 3 and sum(mean) == pytest.approx(1.0)            # K + 1 entries (paper mixing)
+    rows = torch.cat([w for call in calls for w in call.values()])        # 2 calls x 2 layers: 8 rows
+    assert rows.shape == (8, 3)
+    torch.testing.assert_close(torch.tensor(mean), rows.mean(0))
+    with torch.no_grad():                                                 # forced: the forced weights
+        assert mean_gate_weights(model, lambda: model(input_ids=ids, mixda_domains="b")) == [0.0, 1.0, 0.0]
 
 
 def test_quick_mode_runs_end_to_end_and_writes_table_and_plots(tmp_path, tiny_checkpoint, capsys):

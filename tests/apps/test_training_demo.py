@@ -8,7 +8,8 @@ import transformers as tf
 
 import mixda_fast as mf
 from mixda_fast.demo.data import COLOURS, build_demo_data, general_sentences, make_people
-from mixda_fast.demo.mixda import DemoSettings, format_table
+from mixda_fast.demo.mixda import DemoSettings, format_table, gate_weight_means
+from mixda_fast.demo.plots import plot_gate_weights
 from mixda_fast.training.data import load_knowledge, load_task, load_texts
 from mixda_fast.training.mixda_stage1 import run_stage1
 from mixda_fast.training.runs import minilm_path
@@ -59,3 +60,19 @@ def test_demo_table_formats_every_method():
     assert "MixDA" in table and "task adapter only" in table and "0.600" in table and "200" in table
     assert DemoSettings.quick().stage1_steps < DemoSettings().stage1_steps
     json.dumps(results)
+
+
+def test_gate_weights_plot_is_written_per_layer_and_text_kind(tmp_path, one_thread):
+    tok = tf.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    config = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = mf.patch_model(tf.BertForMaskedLM(config).eval(), mf.MixDAConfig(domains=["people", "law"], gate_hidden=16))
+    texts = {"facts": ["korvalen always wears red clothes .", "misuthar lives in oslo ."],
+             "general text": general_sentences(3)}
+    gate = gate_weight_means(model, tok, texts)
+    assert gate["entries"] == ["people", "law", "ffn"] and list(gate["texts"]) == ["facts", "general text"]
+    assert all(list(per_layer) == [0, 1] and all(abs(sum(w) - 1) < 1e-5 for w in per_layer.values())
+               for per_layer in gate["texts"].values())
+    png = plot_gate_weights(gate, tmp_path / "gate_weights.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
