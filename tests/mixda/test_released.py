@@ -7,6 +7,7 @@ The released layer is re-implemented here from the released code's forward
 """
 
 import copy
+import json
 import math
 
 import pytest
@@ -320,25 +321,99 @@ def test_cli_subcommands_have_help(command, capsys):
     assert e.value.code == 0 and "usage: mixda-fast " + command in capsys.readouterr().out
 
 
-def test_cli_import_and_export_released(tmp_path, capsys):
+def _released_tensors_equal(a_path, b_path):
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+    assert list(a) == list(b)
+    assert all(list(a[k]) == list(b[k]) and torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+
+
+def _cli_import(tmp_path, *extra):
+    """(base, the released file, the checkpoint folder): import-released into tmp_path/out."""
     base, ref = released_model()
     ckpt = tmp_path / "ckpt"
     base.save_pretrained(ckpt)
     file = save_released(ref, tmp_path / "r.pt")
     assert main(["import-released", "--model", str(ckpt), "--files", str(file), "--output", str(tmp_path / "out"),
-                 "--domains", "bio", "law"]) == 0
-    assert '"domains": ["bio", "law"]' in capsys.readouterr().out
-    model = mixda_fast.patch_model(copy.deepcopy(base), mixda_fast.released_config(file, domains=["bio", "law"]))
-    mixda_fast.load_adapters(model, tmp_path / "out")
-    want = params(imported(base, file, domains=["bio", "law"]))
-    assert all(torch.equal(v, want[k]) for k, v in params(model).items())
+                 "--domains", "bio", "law", *extra]) == 0
+    return base, file, ckpt
+
+
+def test_cli_import_writes_an_adapter_folder_that_from_pretrained_loads(tmp_path, capsys):
+    """import-released writes the adapter folder of save_pretrained, base path recorded; from_pretrained
+    on it is the model import_released gives in Python, bit for bit."""
+    base, file, ckpt = _cli_import(tmp_path)
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"written": str(tmp_path / "out"), "domains": ["bio", "law"], "layers": LAYERS,
+                   "paper_gate_bug": True}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    record = mixda_fast.read_adapter_config(tmp_path / "out")
+    assert record["method"] == "mixda" and record["base_model_name_or_path"] == str(ckpt.resolve())
+    assert record["config"]["paper_gate_bug"] is True and record["config"]["domains"] == ["bio", "law"]
+    model = mixda_fast.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    want = imported(base, file, domains=["bio", "law"])
+    assert params(model).keys() == params(want).keys()
+    assert all(torch.equal(v, params(want)[k]) for k, v in params(model).items())
+    inputs = batch("roberta", B=3, T=9)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).last_hidden_state, want(**inputs).last_hidden_state)
+
+
+def test_cli_export_reads_adapter_folders_and_the_old_files(tmp_path, capsys):
+    """export-released after import-released gives the original file's tensors back, from the adapter
+    folder, from a save_adapters file and from a folder holding one."""
+    base, file, ckpt = _cli_import(tmp_path)
     assert main(["export-released", "--model", str(ckpt), "--adapters", str(tmp_path / "out"),
                  "--output", str(tmp_path / "back.pt")]) == 0
-    a, b = torch.load(file, weights_only=True), torch.load(tmp_path / "back.pt", weights_only=True)
-    assert list(a) == list(b) and all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
-    capsys.readouterr()
+    _released_tensors_equal(file, tmp_path / "back.pt")
+    old = tmp_path / "old"
+    old.mkdir()
+    mixda_fast.save_adapters(imported(base, file, domains=["bio", "law"]), old)
+    for i, adapters in enumerate([old, old / "mixda_adapters.safetensors"]):
+        assert main(["export-released", "--model", str(ckpt), "--adapters", str(adapters),
+                     "--output", str(tmp_path / f"back{i}.pt")]) == 0
+        _released_tensors_equal(file, tmp_path / f"back{i}.pt")
+
+
+def test_cli_fix_gate_bug(tmp_path, capsys):
+    """--fix-gate-bug imports with paper_gate_bug=False (recorded in the folder): the gate reads each
+    row's last real token, so rows ending in padding differ from the released layer, the others not."""
+    base, file, ckpt = _cli_import(tmp_path, "--fix-gate-bug")
+    assert json.loads(capsys.readouterr().out)["paper_gate_bug"] is False
+    assert mixda_fast.read_adapter_config(tmp_path / "out")["config"]["paper_gate_bug"] is False
+    model = mixda_fast.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    fixed, released = (imported(base, file, domains=["bio", "law"], paper_gate_bug=bug) for bug in (False, True))
+    inputs = batch("roberta", B=3, T=9)                       # rows 1 and 2 end in padding
+    with torch.no_grad():
+        got = model(**inputs).last_hidden_state
+        assert torch.equal(got, fixed(**inputs).last_hidden_state)
+        want = released(**inputs).last_hidden_state
+    assert torch.equal(got[0], want[0]) and not torch.allclose(got[1:], want[1:], atol=1e-4)
+    assert main(["export-released", "--model", str(ckpt), "--adapters", str(tmp_path / "out"),
+                 "--output", str(tmp_path / "back.pt")]) == 0
+    _released_tensors_equal(file, tmp_path / "back.pt")      # the flag changes the forward, not the tensors
+
+
+def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
+    base, ref = released_model()
+    ckpt = tmp_path / "ckpt"
+    base.save_pretrained(ckpt)
+    capsys.readouterr()                                        # transformers' progress bar
     assert main(["import-released", "--model", str(ckpt), "--files", str(tmp_path / "nope.pt"),
                  "--output", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mixda-fast import-released: error: ") and "nope.pt" in err and err.count("\n") == 1
     assert not (tmp_path / "o2").exists()
+    mode = mixda_fast.patch_model(copy.deepcopy(base), mixda_fast.MoDEConfig(domains=["a"], num_blocks=1))
+    mixda_fast.save_pretrained(mode, tmp_path / "mode")
+    assert main(["export-released", "--model", str(ckpt), "--adapters", str(tmp_path / "mode"),
+                 "--output", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mixda-fast export-released: error: --adapters {str(tmp_path / 'mode')!r} holds a 'mode' patch; "
+                   "expected a MixDA one (the released layer is MixDA)\n")
+    (tmp_path / "empty").mkdir()
+    assert main(["export-released", "--model", str(ckpt), "--adapters", str(tmp_path / "empty"),
+                 "--output", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "mixda_adapters.safetensors' does not exist" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()
