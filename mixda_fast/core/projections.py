@@ -9,6 +9,8 @@ module in a projection's place is *called*, never read: bitsandbytes' ``Linear8b
 weight sits behind a method, packed), PEFT's LoRA-wrapped ``Linear``. Its sizes come from
 ``in_features`` / ``out_features`` (its own, or its ``base_layer``'s), and modules built beside it
 (adapters, gates) take the dtype it returns (:func:`output_dtype`), never the storage dtype.
+:func:`quantized_modules` names the modules that store quantized weights, for a method that must
+refuse them (MoDE: its experts are trainable copies of whole layers).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn as nn
 from .families import linear_weight
 
 __all__ = ["is_exact", "projection_shape", "output_dtype", "projection_device", "floating_dtype",
-           "without_backward"]
+           "without_backward", "stores_quantized", "quantized_modules"]
 
 
 def _ao_dynamic_linear() -> tuple:
@@ -103,3 +105,21 @@ def without_backward(model: nn.Module) -> list[str]:
     which PyTorch registers no autograd kernel (backward drops the gradient there and warns that
     the result may be silently incorrect)."""
     return [n for n, m in model.named_modules() if isinstance(m, _AO_DYNAMIC_LINEAR)]
+
+
+def stores_quantized(m: nn.Module) -> bool:
+    """Whether ``m`` itself (not its children) stores quantized weights: torch.ao's dynamic
+    quantized Linear (its weight packed behind a method, no parameters) or a module with an integer
+    parameter (bitsandbytes' ``Int8Params`` int8 and ``Params4bit`` packed uint8 storage)."""
+    if isinstance(m, _AO_DYNAMIC_LINEAR):
+        return True
+    return any(not (p.is_floating_point() or p.is_complex()) for p in m.parameters(recurse=False))
+
+
+def quantized_modules(model: nn.Module, within: Optional[list[nn.Module]] = None) -> list[tuple[str, nn.Module]]:
+    """(name in ``model``, module) of every module that stores quantized weights
+    (:func:`stores_quantized`), in ``model``'s order; with ``within``, only those inside one of
+    those modules (e.g. the transformer layers)."""
+    inside = None if within is None else {id(m) for w in within for m in w.modules()}
+    return [(n, m) for n, m in model.named_modules()
+            if (inside is None or id(m) in inside) and stores_quantized(m)]

@@ -14,7 +14,6 @@ in_features >= its 64-wide quantization block.
 
 import contextlib
 import copy
-import warnings
 
 import pytest
 import torch
@@ -24,81 +23,18 @@ import transformers as tf
 import mixda_fast as mf
 from mixda_fast.core.projections import is_exact
 from mixda_fast.training import losses
-from tiny_models import CONFIGS, DECODERS, batch, randomize_patch
+from quantized_models import BNB_MISSING, D, F_PLAIN, KINDS, quantized, quantized_config
+from tiny_models import batch, randomize_patch
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # torch.ao's dynamic Linear registers no autograd kernel (README "Quantized base models")
-              pytest.mark.filterwarnings("ignore:quantized::linear_dynamic"),
+              pytest.mark.filterwarnings("ignore:quantized..linear_dynamic"),
               pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
               pytest.mark.filterwarnings("ignore:.*quantize_per_tensor"),
               pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated")]
 
 FAMILIES = ("bert", "gpt2", "llama")      # moved W2 (BERT), Conv1D (GPT-2), gated (Llama)
-D, F_PLAIN = 64, 128
 FORMULATIONS = mf.MixDAFFN.FORMULATIONS     # "fused" falls back to "folded" where W2 is quantized
-
-
-def _bnb_missing() -> str:
-    """Why bitsandbytes cannot run here ('' when it can): not installed, or its CPU ops fail."""
-    try:
-        import bitsandbytes as bnb
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
-        return f"bitsandbytes is not installed or does not import ({type(e).__name__}: {e})"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            w = torch.randn(64, 64)
-            q8 = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
-            q8.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
-            q4 = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
-            q4.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False)
-            x = torch.randn(2, 64)
-            q8.to("cpu")(x), q4.to("cpu")(x)
-    except Exception as e:  # noqa: BLE001
-        return f"bitsandbytes does not run on this CPU ({type(e).__name__}: {e})"
-    return ""
-
-
-BNB_MISSING = _bnb_missing()
-KINDS = [pytest.param("bnb8", marks=pytest.mark.skipif(bool(BNB_MISSING), reason=BNB_MISSING)),
-         pytest.param("bnb4", marks=pytest.mark.skipif(bool(BNB_MISSING), reason=BNB_MISSING)),
-         "ao"]
-
-
-def _config(family: str, num_labels: int = 4):
-    config = CONFIGS[family]()
-    if family == "gpt2":
-        config.n_embd = D                 # n_inner None: 4 * 64
-    else:
-        config.hidden_size, config.intermediate_size = D, F_PLAIN
-        if getattr(config, "head_dim", None):        # Llama: set from the old width at construction
-            config.head_dim = D // config.num_attention_heads
-    if family in DECODERS:
-        config.pad_token_id = 0
-    config.num_labels = num_labels
-    return config
-
-
-def _auto(family: str, head: str):
-    if head == "cls":
-        return tf.AutoModelForSequenceClassification
-    return tf.AutoModelForCausalLM if family in DECODERS else tf.AutoModelForMaskedLM
-
-
-def quantized(kind: str, family: str, folder, head: str = "lm", seed: int = 0) -> nn.Module:
-    """A tiny quantized model, the same for the same arguments: bitsandbytes through
-    ``from_pretrained`` of a saved float checkpoint, torch.ao by ``quantize_dynamic``."""
-    torch.manual_seed(seed)
-    model = _auto(family, head).from_config(_config(family)).eval()
-    if kind == "ao":
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    path = folder / f"{family}-{head}-{seed}"
-    if not path.exists():
-        model.save_pretrained(path)
-    skip = ["classifier", "score"] if head == "cls" else None      # a task head must stay trainable
-    q = (tf.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip) if kind == "bnb8" else
-         tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip))
-    return _auto(family, head).from_pretrained(path, quantization_config=q, device_map="cpu").eval()
 
 
 def _down(model, family):
@@ -240,7 +176,7 @@ def test_a_quantized_task_head_is_refused_and_nothing_changes(tmp_path):
     names the parameter and leaves every requires_grad flag as it was."""
     torch.manual_seed(0)
     path = tmp_path / "bert"
-    tf.AutoModelForSequenceClassification.from_config(_config("bert")).save_pretrained(path)
+    tf.AutoModelForSequenceClassification.from_config(quantized_config("bert")).save_pretrained(path)
     model = tf.AutoModelForSequenceClassification.from_pretrained(
         path, quantization_config=tf.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
     mf.patch_model(model, mf.MixDAConfig(domains=["d"], layers=[1]))
@@ -314,7 +250,7 @@ def test_adapters_take_the_dtype_the_quantized_projection_returns(tmp_path, mode
     """bitsandbytes returns its input's dtype (the model's), whatever its 4-bit compute dtype: the
     adapters and gates are built in that, and the patched model is still the quantized one exactly."""
     torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(_config("llama")).save_pretrained(tmp_path / "m")
+    tf.AutoModelForCausalLM.from_config(quantized_config("llama")).save_pretrained(tmp_path / "m")
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=tf.BitsAndBytesConfig(**quant),
                                                     dtype=model_dtype, device_map="cpu").eval()
     inputs = batch("llama")
@@ -342,7 +278,7 @@ class _Wrapped(nn.Module):
 @pytest.mark.parametrize("kind", ["float", "ao"])
 def test_a_wrapped_projection_is_called_with_sizes_from_its_base_layer(tmp_path, kind):
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(_config("llama")).eval()
+    model = tf.AutoModelForCausalLM.from_config(quantized_config("llama")).eval()
     if kind == "ao":
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     for layer in model.base_model.layers:
@@ -363,7 +299,7 @@ def test_adapters_trained_on_the_float_model_load_into_its_torch_ao_quantized_co
     train on the float model, quantize a copy, load the adapters; its output is the float patched
     model's up to the int8 error, and exactly the float model's with the adapters off."""
     torch.manual_seed(0)
-    float_model = tf.AutoModelForCausalLM.from_config(_config("llama")).eval()
+    float_model = tf.AutoModelForCausalLM.from_config(quantized_config("llama")).eval()
     config = mf.MixDAConfig(domains=["d"], gate_hidden=16)
     quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, dtype=torch.qint8)
     inputs = batch("llama")
