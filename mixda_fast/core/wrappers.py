@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
-__all__ = ["unwrap", "foreign_parameters", "foreign_state_names"]
+__all__ = ["unwrap", "foreign_parameters", "foreign_state_names", "foreign_modules"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -74,3 +74,12 @@ def foreign_parameters(model: nn.Module) -> list[nn.Parameter]:
 def foreign_state_names(module: nn.Module) -> set[str]:
     """The keys of ``module.state_dict()`` that PEFT added (see :func:`foreign_parameters`)."""
     return {name for name, _ in _foreign(module, lambda m: m.state_dict(keep_vars=True).items())}
+
+
+def foreign_modules(model: nn.Module, within: list) -> list[tuple[str, nn.Module]]:
+    """(name in ``model``, module) of every PEFT wrapper module (a tuner layer such as LoRA's
+    ``Linear``, a ``modules_to_save`` wrapper) inside one of the ``within`` modules (e.g. the
+    transformer layers), in ``model``'s order."""
+    classes = tuple(_wrapper_classes())
+    inside = {id(m) for w in within for m in w.modules()}
+    return [(n, m) for n, m in model.named_modules() if classes and id(m) in inside and isinstance(m, classes)]

@@ -33,6 +33,7 @@ from ..core.families import FamilySpec, family_of, linear_weight
 from ..core.model import base_model_of, layer_list
 from ..core.patch import Journal, PatchState, attribute_set, is_patched, patch_state
 from ..core.projections import quantized_modules
+from ..core.wrappers import foreign_modules
 from .block import MoDEBlock
 from .config import MoDEConfig
 
@@ -92,19 +93,23 @@ def _hidden_size(layer: nn.Module, spec: FamilySpec) -> int:
     return int(weight.shape[0])
 
 
-def _check_not_quantized(model: nn.Module, backbone) -> None:
-    """Refuse a quantized host: an expert is a trainable whole layer, a copy of a backbone layer
-    ("copy") or a new one built like it ("random"), and neither can come from an int8 / 4-bit /
-    torch.ao layer (a copy would not train; the fresh layer's dtype would be the storage's). MixDA,
-    which only calls the host's projections, supports quantized hosts (core/projections.py)."""
-    found = quantized_modules(model, list(backbone))
-    if found:
-        name, module = found[0]
-        raise ValueError(
-            f"patch_model: MoDEConfig is not accepted for a model with quantized layers ({len(found)} modules store "
-            f"quantized weights, first: {name!r}, {type(module).__module__}.{type(module).__name__}): MoDE experts are "
-            "trainable whole layers built from the backbone's, which cannot be quantized ones; patch the float model, "
-            "or use MixDA (MixDAConfig), which supports quantized base models")
+def _check_plain_layers(model: nn.Module, backbone) -> None:
+    """Refuse a backbone with quantized or PEFT-wrapped modules in its layers: an expert is a
+    trainable whole layer, a copy of a backbone layer ("copy") or a new one built like it
+    ("random"), and neither can come from an int8 / 4-bit / torch.ao layer (a copy would not
+    train; the fresh layer's dtype would be the storage's) or carry another library's adapters
+    (LoRA would be copied into every expert). MixDA, which only calls the host's projections,
+    supports both (core/projections.py, core/wrappers.py)."""
+    for found, what, supported in ((quantized_modules(model, list(backbone)), "quantized layers", "quantized base models"),
+                                   (foreign_modules(model, list(backbone)), "PEFT layers in its transformer layers",
+                                    "PEFT next to it")):
+        if found:
+            name, module = found[0]
+            raise ValueError(
+                f"patch_model: MoDEConfig is not accepted for a model with {what} ({len(found)} modules, first: "
+                f"{name!r}, {type(module).__module__}.{type(module).__name__}): MoDE experts are trainable whole "
+                "layers built from the backbone's, which cannot hold those; patch the plain float model, or use "
+                f"MixDA (MixDAConfig), which supports {supported}")
 
 
 def _source_index(start: int, block_size: int, k: int, expert_layers: int) -> int:
@@ -156,7 +161,7 @@ def patch_mode(model: nn.Module, config: MoDEConfig, journal: Journal) -> MoDEPa
     model_type, spec = family_of(model)
     base = base_model_of(model)
     backbone = layer_list(model, model_type, spec, "patch_model")
-    _check_not_quantized(model, backbone)
+    _check_plain_layers(model, backbone)
     L, B, N, Le = len(backbone), config.num_blocks, config.num_experts, config.expert_layers
     if L % B != 0:
         divisors = [b for b in range(1, L + 1) if L % b == 0]

@@ -277,3 +277,24 @@ def test_a_layer_pickled_with_the_old_base_layer_name_loads_as_host_ffn():
     assert "base_layer" not in loaded._modules and not hasattr(loaded, "base_layer")
     with torch.no_grad():
         assert torch.equal(loaded(x), layer(x))
+
+
+@pytest.mark.parametrize("targets", ["attention", "ffn"])
+def test_mode_refuses_peft_layers_in_the_transformer_layers_and_changes_nothing(targets):
+    """MoDE experts are copies of whole layers: LoRA inside them would be copied into every expert
+    (attention) or hide the FFN's projection (FFN). One line, before anything is built; MixDA
+    patches the same model."""
+    pm = _lora(tiny_model("llama"), ATTENTION["llama"] if targets == "attention" else FFN["llama"])
+    inputs = batch("llama")
+    ref = _out(pm, inputs)
+    modules = {n: id(m) for n, m in pm.named_modules()}
+    with pytest.raises(ValueError) as e:
+        mf.patch_model(pm, mf.MoDEConfig(domains=["a"], num_blocks=1))
+    first = _lora_layers(pm.get_base_model())[0]
+    msg = str(e.value)
+    assert msg.startswith("patch_model: MoDEConfig is not accepted for a model with PEFT layers in its transformer "
+                          "layers (") and f"first: {first!r}, peft.tuners.lora." in msg and "use MixDA" in msg, msg
+    assert "\n" not in msg and not mf.is_patched(pm)
+    assert {n: id(m) for n, m in pm.named_modules()} == modules and torch.equal(_out(pm, inputs), ref)
+    mf.patch_model(pm, mf.MixDAConfig(**MIXDA))
+    assert mf.is_patched(pm)
