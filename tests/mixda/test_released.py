@@ -417,3 +417,27 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mixda_adapters.safetensors' does not exist" in err and err.count("\n") == 1
     assert not (tmp_path / "x.pt").exists()
+
+
+
+def test_cli_import_from_a_masked_lm_checkpoint_prints_no_load_report(tmp_path):
+    """A masked-LM checkpoint loaded as the base model lacks the pooler and has an LM head the
+    base does not take: transformers' load report is held back, and nothing about those weights is
+    news to a command that only reads and writes the patch. A subprocess, as a user runs it
+    (transformers' log handler keeps the stderr it found at import, which pytest's capture hides)."""
+    import os
+    import subprocess
+    import sys
+
+    import transformers
+
+    base, ref = released_model()
+    transformers.RobertaForMaskedLM(base.config).save_pretrained(tmp_path / "mlm")
+    file = save_released(ref, tmp_path / "r.pt")
+    run = subprocess.run([sys.executable, "-m", "mixda_fast.cli", "import-released", "--model", str(tmp_path / "mlm"),
+                          "--files", str(file), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["written"] == str(tmp_path / "out")
+    for text in (run.stdout, run.stderr):
+        assert "LOAD REPORT" not in text and "pooler" not in text and "lm_head" not in text, text
