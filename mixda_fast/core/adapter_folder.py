@@ -36,6 +36,7 @@ import torch.nn as nn
 from ..version import __version__
 from .io import AdapterFileNotFoundError, as_path, load_into, read_safetensors, save_tensors, write_atomic, write_json
 from .patch import PatchState, is_patched, method_named, methods, patch_model, patch_state, unpatch_model
+from .wrappers import unwrap
 
 __all__ = ["save_pretrained", "from_pretrained", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
            "FORMAT_VERSION", "LIBRARY"]
@@ -124,9 +125,10 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
     if not isinstance(model_card, bool):
         raise TypeError(f"{fn}: model_card={model_card!r} is not accepted: expected True or False")
     _check_writable(folder, fn)
+    inner = unwrap(model)                  # a PeftModel: the transformers model it wraps is the base
     record = {"library_name": LIBRARY, "format_version": FORMAT_VERSION, "mixda_fast_version": __version__,
-              "method": method.name, "base_model_name_or_path": base_model_name_or_path or _name_or_path(model),
-              "base_model_class": type(model).__name__, "model_type": state.model_type,
+              "method": method.name, "base_model_name_or_path": base_model_name_or_path or _name_or_path(inner),
+              "base_model_class": type(inner).__name__, "model_type": state.model_type,
               "patch": method.describe(model), "config": state.config.to_dict()}
     tensors = method.tensors(model)
     folder.mkdir(parents=True, exist_ok=True)

@@ -277,3 +277,27 @@ def test_a_layer_pickled_with_the_old_base_layer_name_loads_as_host_ffn():
     assert "base_layer" not in loaded._modules and not hasattr(loaded, "base_layer")
     with torch.no_grad():
         assert torch.equal(loaded(x), layer(x))
+
+
+def test_an_adapter_folder_saved_from_a_peft_model_holds_mixda_alone_and_names_the_base(tmp_path, one_thread):
+    """mixda_fast.save_pretrained / from_pretrained take the PeftModel too: the folder records the
+    transformers model inside it (its class on the card), holds no LoRA tensor, and rebuilds the
+    MixDA part exactly next to PEFT's own reload of LoRA."""
+    from mixda_fast.core.adapter_folder import CONFIG_NAME, WEIGHTS_NAME
+    from safetensors import safe_open
+
+    inputs = batch("bert")
+    _, pm = _both("bert", "peft_first", ATTENTION["bert"])
+    randomize_patch(pm)
+    _randomize_lora(pm)
+    want = _out(pm, inputs)
+    mf.save_pretrained(pm, tmp_path / "mixda")
+    pm.save_pretrained(tmp_path / "lora")
+    record = __import__("json").loads((tmp_path / "mixda" / CONFIG_NAME).read_text())
+    assert record["base_model_class"] == "BertModel"
+    assert "transformers.BertModel.from_pretrained" in (tmp_path / "mixda" / "README.md").read_text()
+    with safe_open(str(tmp_path / "mixda" / WEIGHTS_NAME), framework="pt") as f:
+        assert f.keys() and not any("lora" in k for k in f.keys())
+    again = peft.PeftModel.from_pretrained(tiny_model("bert"), tmp_path / "lora")
+    assert mf.from_pretrained(again, tmp_path / "mixda") is again and mf.is_patched(again.get_base_model())
+    assert torch.equal(_out(again, inputs), want)
