@@ -301,3 +301,29 @@ def test_an_adapter_folder_saved_from_a_peft_model_holds_mixda_alone_and_names_t
     again = peft.PeftModel.from_pretrained(tiny_model("bert"), tmp_path / "lora")
     assert mf.from_pretrained(again, tmp_path / "mixda") is again and mf.is_patched(again.get_base_model())
     assert torch.equal(_out(again, inputs), want)
+
+
+@pytest.mark.parametrize("others", ["keep", "freeze"])
+def test_a_refused_stage_next_to_peft_restores_every_flag_and_a_granted_one_keeps_loras(others):
+    """mark_trainable's two rules together: a stage refused for a quantized task head (an int8
+    weight stands for bitsandbytes' here) leaves every flag as it was, LoRA's included, with
+    either ``others``; once the head is float the stage trains it and LoRA is kept or frozen."""
+    pm = _lora(tiny_model("bert", head="cls"), ATTENTION["bert"])
+    mf.patch_model(pm, mf.MixDAConfig(**MIXDA))
+    mf.mark_trainable(pm, "domain")
+    head = pm.get_base_model().classifier
+    float_weight = head.weight
+    head.weight = torch.nn.Parameter(torch.zeros(head.weight.shape, dtype=torch.int8), requires_grad=False)
+    flags = {n: p.requires_grad for n, p in pm.named_parameters()}
+    assert any(f for n, f in flags.items() if "lora_" in n) and any(f for n, f in flags.items() if ".adapters." in n)
+    for stage in ("task", "all"):
+        with pytest.raises(ValueError, match=r"mark_trainable: stage='(task|all)'.*'classifier.weight' of dtype "
+                                             r"torch.int8 is not accepted"):
+            mf.mark_trainable(pm, stage, others=others)
+        assert {n: p.requires_grad for n, p in pm.named_parameters()} == flags, stage
+    head.weight = float_weight
+    trained = _trainable(mf.mark_trainable(pm, "task", others=others))
+    lora = {n for n, _ in pm.named_parameters() if "lora_" in n}
+    assert {n for n in trained if "classifier" in n} and any(".gate." in n for n in trained)
+    assert not any(".adapters." in n for n in trained)
+    assert (lora <= trained) if others == "keep" else not (lora & trained)
