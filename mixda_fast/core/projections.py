@@ -22,7 +22,7 @@ import torch.nn as nn
 from .families import linear_weight
 
 __all__ = ["is_exact", "projection_shape", "output_dtype", "projection_device", "floating_dtype",
-           "without_backward"]
+           "without_backward", "is_quantized"]
 
 
 def _ao_dynamic_linear() -> tuple:
@@ -103,3 +103,10 @@ def without_backward(model: nn.Module) -> list[str]:
     which PyTorch registers no autograd kernel (backward drops the gradient there and warns that
     the result may be silently incorrect)."""
     return [n for n, m in model.named_modules() if isinstance(m, _AO_DYNAMIC_LINEAR)]
+
+
+def is_quantized(m: nn.Module) -> bool:
+    """Whether ``m`` itself stores quantized weights: torch.ao's dynamic quantized Linear, or a
+    parameter of its own that is not floating point (bitsandbytes' int8 and packed 4-bit)."""
+    return isinstance(m, _AO_DYNAMIC_LINEAR) or any(
+        not (p.is_floating_point() or p.is_complex()) for p in m.parameters(recurse=False))

@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 
 from ..core.call_state import CallState
-from ..core.families import FamilySpec, family_of, linear_weight
+from ..core.families import FamilySpec, family_of
 from ..core.model import base_model_of, layer_list
 from ..core.patch import Journal, PatchState, attribute_set, is_patched, patch_state
+from ..core.projections import is_quantized, projection_shape
 from .block import MoDEBlock
 from .config import MoDEConfig
 
@@ -87,8 +88,21 @@ class _Exit:
 
 
 def _hidden_size(layer: nn.Module, spec: FamilySpec) -> int:
-    weight, _ = linear_weight(layer.get_submodule(spec.down))
-    return int(weight.shape[0])
+    """D from the down projection's (out, in): a wrapped one's (PEFT) from its sizes, never a weight."""
+    return projection_shape(layer.get_submodule(spec.down), "patch_model", "layer 0: down projection")[0]
+
+
+def _refuse_quantized(backbone: nn.ModuleList) -> None:
+    """A ValueError naming the first quantized module of the backbone: MoDE's experts are copies
+    (or new layers) of the backbone's that train, and a quantized layer cannot train."""
+    for i, layer in enumerate(backbone):
+        name = next((n for n, m in layer.named_modules() if is_quantized(m)), None)
+        if name is not None:
+            raise ValueError(
+                f"patch_model: MoDEConfig is not accepted on a quantized base model: layer {i} module {name!r} "
+                f"({type(layer.get_submodule(name)).__name__}) is quantized, and MoDE's experts are trainable "
+                "copies of the backbone's layers; use MixDAConfig (README 'Quantized base models') or load the "
+                "base model unquantized")
 
 
 def _source_index(start: int, block_size: int, k: int, expert_layers: int) -> int:
@@ -147,6 +161,7 @@ def patch_mode(model: nn.Module, config: MoDEConfig, journal: Journal) -> MoDEPa
                          f"into {B} equal blocks (L % num_blocks = {L % B}); accepted values: {divisors}")
     if hasattr(base, CONTAINER):
         raise ValueError(f"patch_model: base_model already has an attribute {CONTAINER!r}; is it patched already?")
+    _refuse_quantized(backbone)
     n = L // B
     first = backbone[0]
     hidden = _hidden_size(first, spec)

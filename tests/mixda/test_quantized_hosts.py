@@ -380,3 +380,30 @@ def test_adapters_trained_on_the_float_model_load_into_its_torch_ao_quantized_co
         assert torch.equal(_logits(quant, inputs), ref_quant)
     with pytest.warns(UserWarning, match=r"mark_trainable: \d+ modules \(first: 'model.layers.0.self_attn.q_proj'\)"):
         mf.mark_trainable(quant, "domain")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mode_on_a_quantized_base_is_refused_in_one_line_and_nothing_changes(tmp_path, kind):
+    """MoDE's experts are trainable copies of the backbone's layers: a quantized backbone is refused
+    naming the module (was a TypeError about 'projection module Linear', or int8 experts)."""
+    model = quantized(kind, "llama", tmp_path)
+    modules = {n: id(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"^patch_model: MoDEConfig is not accepted on a quantized base model: "
+                                         r"layer 0 module 'self_attn.q_proj' \(\w+\) is quantized.*use MixDAConfig"):
+        mf.patch_model(model, mf.MoDEConfig(domains=["d"]))
+    assert not mf.is_patched(model) and {n: id(m) for n, m in model.named_modules()} == modules
+
+
+def test_mode_reads_the_width_of_a_wrapped_down_projection_from_its_sizes():
+    """A float backbone whose W2 is wrapped (PEFT's shape): MoDE patches it (D from base_layer), and
+    the batched execution, which reads expert weights, runs those experts one by one instead."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_config("llama")).eval()
+    model.base_model.layers[0].mlp.down_proj = _Wrapped(model.base_model.layers[0].mlp.down_proj)
+    mf.patch_model(model, mf.MoDEConfig(domains=["a", "b"], num_blocks=3, expert_layers=1, execution="batched"))
+    assert mf.mode_blocks(model)[0].gate.in_features == D
+    randomize_patch(model)
+    batched = _logits(model, batch("llama"))
+    for block in mf.mode_blocks(model):
+        block.execution = "loop"
+    torch.testing.assert_close(_logits(model, batch("llama")), batched, rtol=1e-5, atol=1e-5)
