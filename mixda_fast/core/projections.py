@@ -1,9 +1,9 @@
-"""What a patch may read of a host projection: the one place that tells an exact projection from
-one that must be called as a module (docs/design.md section 1, "Quantized and wrapped hosts").
+"""What a patch may read of a host projection: an exact one's weight, any other's sizes and
+output dtype only (docs/design.md section 1, "Quantized and wrapped hosts").
 
 An *exact* projection (``nn.Linear`` or transformers' ``Conv1D``, exactly those classes) computes
-``x W^T + b`` from a float weight that the fused ops can read (``linear_weight``). Any other
-module in a projection's place is *called*, never read: bitsandbytes' ``Linear8bitLt`` /
+``x W^T + b`` from a float weight that the fused ops can read (:func:`is_exact`, defined next to
+``linear_weight`` in :mod:`.families`, the only reader of weights; re-exported here). Any other module in a projection's place is *called*, never read: bitsandbytes' ``Linear8bitLt`` /
 ``Linear4bit`` (subclasses of ``nn.Linear`` whose ``weight`` is int8 or packed 4-bit: a 4-bit
 (64, 32) projection stores a (1024, 1) uint8 tensor), torch.ao's dynamic int8 ``Linear`` (its
 weight sits behind a method, packed), PEFT's LoRA-wrapped ``Linear``. Its sizes come from
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .families import linear_weight
+from .families import is_exact, linear_weight
 
 __all__ = ["is_exact", "projection_shape", "output_dtype", "projection_device", "floating_dtype",
            "without_backward", "is_quantized"]
@@ -35,11 +35,6 @@ def _ao_dynamic_linear() -> tuple:
 
 
 _AO_DYNAMIC_LINEAR = _ao_dynamic_linear()
-
-
-def is_exact(m: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D exactly: its forward is x W^T + b with a readable weight."""
-    return type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
 
 
 def _features(m: nn.Module) -> Optional[tuple[int, int]]:

@@ -407,3 +407,20 @@ def test_mode_reads_the_width_of_a_wrapped_down_projection_from_its_sizes():
     for block in mf.mode_blocks(model):
         block.execution = "loop"
     torch.testing.assert_close(_logits(model, batch("llama")), batched, rtol=1e-5, atol=1e-5)
+
+
+def test_one_rule_tells_an_exact_projection_and_only_those_are_read():
+    """core.families.is_exact is the rule the patch, the fused path and linear_weight share: a
+    subclass of nn.Linear (bitsandbytes' quantized Linear is one) is not read as a float weight."""
+    from mixda_fast.core import families, projections
+
+    class Subclass(nn.Linear):
+        pass
+
+    assert projections.is_exact is families.is_exact
+    assert families.is_exact(nn.Linear(2, 3)) and not families.is_exact(Subclass(2, 3))
+    assert families.linear_weight(nn.Linear(2, 3))[0].shape == (3, 2)
+    with pytest.raises(TypeError, match=r"projection module Subclass is not accepted: expected nn.Linear or "
+                                        r"transformers' Conv1D exactly"):
+        families.linear_weight(Subclass(2, 3))
+    assert projections.projection_shape(Subclass(2, 3), "f", "w") == (3, 2)
