@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .families import FamilySpec
+from .projections import is_quantized
 from .wrappers import unwrap
 
 __all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters",
-           "check_trainable"]
+           "check_trainable", "check_head_trainable"]
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -62,3 +63,20 @@ def check_trainable(model: nn.Module, params, where: str) -> None:
             f"{where}: parameter {name!r} of dtype {bad.dtype} is not accepted: expected floating-point "
             "parameters (a quantized module cannot train); keep that module unquantized (bitsandbytes: "
             "BitsAndBytesConfig(llm_int8_skip_modules=[...]); torch.ao: leave it out of quantize_dynamic)")
+
+
+def check_head_trainable(model: nn.Module, where: str) -> None:
+    """A ValueError when the task head cannot train: a parameter that is not floating point
+    (bitsandbytes, :func:`check_trainable`), or a quantized module with no parameter at all
+    (torch.ao's dynamic Linear keeps its weight packed behind a method: nothing would train)."""
+    check_trainable(model, head_parameters(model), where)
+    base = base_model_of(model)
+    if base is model:
+        return
+    in_base = {id(m) for m in base.modules()}
+    name = next((n for n, m in model.named_modules() if id(m) not in in_base and is_quantized(m)), None)
+    if name is not None:
+        raise ValueError(
+            f"{where}: module {name!r} ({type(model.get_submodule(name)).__name__}) is quantized and is not "
+            "accepted: expected a float task head (a quantized module cannot train); keep it unquantized "
+            "(torch.ao: quantize only model.base_model; bitsandbytes: llm_int8_skip_modules=[...])")
