@@ -222,6 +222,9 @@ def test_stage1_stage2_and_saved_adapters_on_a_quantized_base(tmp_path, kind, fa
         assert a.dtype == torch.float32 and torch.equal(a, b)
     mf.load_adapters(again, mf.save_adapters(model, tmp_path / "all.safetensors"))   # gates too
     assert torch.equal(_logits(again, inputs), want)
+    mf.save_pretrained(model, tmp_path / "folder")                # the adapter folder, too
+    rebuilt = mf.from_pretrained(quantized(kind, family, tmp_path), tmp_path / "folder")
+    assert torch.equal(_logits(rebuilt, inputs), want)
 
     cls = quantized(kind, family, tmp_path, head="cls")       # stage 2: head and task adapters train
     mf.patch_model(cls, config)
