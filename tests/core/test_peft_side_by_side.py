@@ -132,7 +132,9 @@ def test_mark_trainable_leaves_peft_modules_to_save_alone():
     assert peft_own <= _trainable(pm)
     assert not any("original_module" in n for n in _trainable(pm))   # the head PEFT shadows stays frozen
     assert any(".gate." in n for n in _trainable(pm))
-    assert not any("lora_" in n or "modules_to_save" in n for n in _trainable(mf.mark_trainable(pm, "none", others="freeze")))
+    frozen = _trainable(mf.mark_trainable(pm, "task", others="freeze"))    # PEFT's own frozen, the head it wraps too
+    assert frozen and not any("lora_" in n or "modules_to_save" in n or "original_module" in n for n in frozen)
+    assert any(".gate." in n for n in frozen)
 
 
 def _reload(family, order, targets, lora_dir, mixda_file):
