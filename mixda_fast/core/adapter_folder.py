@@ -116,7 +116,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
     fn = "save_pretrained"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model={type(model).__name__} is not accepted: expected a patched torch.nn.Module")
-    folder = as_path(save_directory, fn)
+    folder = as_path(save_directory, fn, "save_directory", "folder path")
     state = _folder_state(model, fn)
     method = state.method
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
@@ -144,7 +144,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
 def read_adapter_config(save_directory: Union[str, os.PathLike], fn: str = "read_adapter_config") -> dict:
     """The checked ``adapter_config.json`` of an adapter folder (``method`` a registered method,
     ``format_version`` one this package reads, ``config``, ``patch`` and ``model_type`` present)."""
-    path = as_path(save_directory, fn) / CONFIG_NAME
+    path = as_path(save_directory, fn, "save_directory", "folder path") / CONFIG_NAME
     where = f"{fn}: {str(path)!r}"
     try:
         record = json.loads(path.read_text())
@@ -209,7 +209,7 @@ def _from_legacy(model: nn.Module, folder: Path, fn: str) -> nn.Module:
     if meta.get("kind") != "all":
         raise ValueError(f"{where} has kind={meta.get('kind')!r}; expected 'all' (a whole {method.title} patch)")
     _check_model_type(model, meta.get("model_type"), where)
-    config = method.config_class.from_json(meta.get("config", "null"), source=str(path))
+    config = method.config_class.from_json(meta.get("config", "null"), source=f"{fn}: {str(path)!r}")
     return _patched_then(model, config, lambda: method.load_legacy(model, path))
 
 
@@ -229,7 +229,7 @@ def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLik
     if not isinstance(base_model, nn.Module):
         raise TypeError(f"{fn}: base_model={type(base_model).__name__} is not accepted: expected the unpatched "
                         "torch.nn.Module (a HuggingFace PreTrainedModel) the adapters were trained on")
-    folder = as_path(save_directory, fn)
+    folder = as_path(save_directory, fn, "save_directory", "folder path")
     if not folder.is_dir():
         raise AdapterFileNotFoundError(2, f"{fn}: save_directory={str(folder)!r} is not an existing folder; expected "
                                           "a folder that mixda_fast.save_pretrained wrote", str(folder))
@@ -242,7 +242,7 @@ def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLik
     where = f"{fn}: {str(folder)!r}"
     method = method_named(record["method"])
     _check_model_type(base_model, record["model_type"], where)
-    config = method.config_class.from_dict(record["config"], source=str(folder / CONFIG_NAME))
+    config = method.config_class.from_dict(record["config"], source=f"{fn}: {str(folder / CONFIG_NAME)!r}")
     _, tensors = read_safetensors(folder / WEIGHTS_NAME, _WEIGHTS_FORMAT, fn)
 
     def load() -> None:
