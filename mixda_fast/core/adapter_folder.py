@@ -38,7 +38,7 @@ from .io import AdapterFileNotFoundError, as_path, load_into, read_safetensors, 
 from .patch import PatchState, is_patched, method_named, methods, patch_model, patch_state, unpatch_model
 from .wrappers import unwrap
 
-__all__ = ["save_pretrained", "from_pretrained", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
+__all__ = ["save_pretrained", "from_pretrained", "read_adapter_config", "check_writable", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
            "FORMAT_VERSION", "LIBRARY"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -65,8 +65,9 @@ def _folder_state(model: nn.Module, fn: str) -> PatchState:
     return state
 
 
-def _check_writable(folder: Path, fn: str) -> None:
-    """Refuse a file, and a folder holding another library's adapter files (a PEFT adapter)."""
+def check_writable(folder: Path, fn: str) -> None:
+    """Refuse a file, and a folder holding another library's adapter files (a PEFT adapter), as
+    :func:`save_pretrained` will: training stages call it before they train."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{fn}: save_directory={str(folder)!r} is not accepted: it is a file; expected a folder "
                          "(created when missing)")
@@ -124,7 +125,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
                         "(a Hub id or a local path) or None")
     if not isinstance(model_card, bool):
         raise TypeError(f"{fn}: model_card={model_card!r} is not accepted: expected True or False")
-    _check_writable(folder, fn)
+    check_writable(folder, fn)
     inner = unwrap(model)                  # a PeftModel: the transformers model it wraps is the base
     record = {"library_name": LIBRARY, "format_version": FORMAT_VERSION, "mixda_fast_version": __version__,
               "method": method.name, "base_model_name_or_path": base_model_name_or_path or _name_or_path(inner),
