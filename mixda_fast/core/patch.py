@@ -300,7 +300,7 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, o
         state = patch_state(target, "mark_trainable")
         check_member(target, domain, "mark_trainable", method.name)
     if stage == "all":
-        check_trainable(target, target.parameters(), "mark_trainable: stage='all'")
+        check_trainable(target, "mark_trainable: stage='all'")
     blocked = without_backward(target) if stage != "none" else []
     if blocked:
         warnings.warn(

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..core.model import check_head_trainable, head_parameters
+from ..core.model import check_trainable, head_parameters
 from ..core.patch import PatchState
 from .patching import mixda_modules
 
@@ -31,7 +31,7 @@ def unfreeze(model: nn.Module, state: PatchState, stage: str, domain: Optional[s
     """``requires_grad`` on for what ``stage`` ("domain" or "task") trains; a ValueError first when
     the task head is quantized (bitsandbytes' int8 weights, torch.ao's packed ones cannot train)."""
     if stage == "task":
-        check_head_trainable(model, "mark_trainable: stage='task': the task head")
+        check_trainable(model, "mark_trainable: stage='task': the task head", head_only=True)
     for m in mixda_modules(model).values():
         m.gate.requires_grad_(m.mixda_config.gate_width > 1)   # a one-entry softmax is constant: no gradient
         if stage == "domain":

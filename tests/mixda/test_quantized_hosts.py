@@ -272,9 +272,12 @@ def test_a_torch_ao_quantized_task_head_is_refused_and_nothing_changes():
         mf.mark_trainable(model, "domain")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"^mark_trainable: stage='task': the task head: module 'classifier' "
-                                         r"\(Linear\) is quantized and is not accepted: expected a float task head"):
+                                         r"\(Linear, quantized\) is not accepted: expected floating-point"):
         with _no_backward_warning("ao"):
             mf.mark_trainable(model, "task")
+    with pytest.raises(ValueError, match=r"^mark_trainable: stage='all': module 'bert.encoder.layer.0.attention"
+                                         r".self.query' \(Linear, quantized\) is not accepted"):
+        mf.mark_trainable(model, "all")              # full fine-tuning of a quantized model: nothing there trains
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
