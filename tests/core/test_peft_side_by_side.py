@@ -2,6 +2,7 @@
 each library saving its own part, merge_and_unload, LoRA on the FFN's own projections."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -295,7 +296,7 @@ def test_an_adapter_folder_saved_from_a_peft_model_holds_mixda_alone_and_names_t
     want = _out(pm, inputs)
     mf.save_pretrained(pm, tmp_path / "mixda")
     pm.save_pretrained(tmp_path / "lora")
-    record = __import__("json").loads((tmp_path / "mixda" / CONFIG_NAME).read_text())
+    record = json.loads((tmp_path / "mixda" / CONFIG_NAME).read_text())
     assert record["base_model_class"] == "BertModel"
     assert "transformers.BertModel.from_pretrained" in (tmp_path / "mixda" / "README.md").read_text()
     with safe_open(str(tmp_path / "mixda" / WEIGHTS_NAME), framework="pt") as f:
