@@ -71,6 +71,9 @@ def quantized(kind: str, family: str, folder, head: str = "lm", seed: int = 0) -
     torch.manual_seed(seed)
     model = auto_class(family, head).from_config(quantized_config(family)).eval()
     if kind == "ao":
+        if head == "cls":                 # a task head must stay trainable: quantize the transformer only
+            torch.ao.quantization.quantize_dynamic(model.base_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            return model
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     path = folder / f"{family}-{head}-{seed}"
     if not path.exists():

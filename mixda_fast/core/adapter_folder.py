@@ -36,8 +36,9 @@ import torch.nn as nn
 from ..version import __version__
 from .io import AdapterFileNotFoundError, as_path, load_into, read_safetensors, save_tensors, write_atomic, write_json
 from .patch import PatchState, is_patched, method_named, methods, patch_model, patch_state, unpatch_model
+from .wrappers import unwrap
 
-__all__ = ["save_pretrained", "from_pretrained", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
+__all__ = ["save_pretrained", "from_pretrained", "read_adapter_config", "check_writable", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
            "FORMAT_VERSION", "LIBRARY"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -64,8 +65,9 @@ def _folder_state(model: nn.Module, fn: str) -> PatchState:
     return state
 
 
-def _check_writable(folder: Path, fn: str) -> None:
-    """Refuse a file, and a folder holding another library's adapter files (a PEFT adapter)."""
+def check_writable(folder: Path, fn: str) -> None:
+    """Refuse a file, and a folder holding another library's adapter files (a PEFT adapter), as
+    :func:`save_pretrained` will: training stages call it before they train."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{fn}: save_directory={str(folder)!r} is not accepted: it is a file; expected a folder "
                          "(created when missing)")
@@ -115,7 +117,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
     fn = "save_pretrained"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model={type(model).__name__} is not accepted: expected a patched torch.nn.Module")
-    folder = as_path(save_directory, fn)
+    folder = as_path(save_directory, fn, "save_directory", "folder path")
     state = _folder_state(model, fn)
     method = state.method
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
@@ -123,10 +125,11 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
                         "(a Hub id or a local path) or None")
     if not isinstance(model_card, bool):
         raise TypeError(f"{fn}: model_card={model_card!r} is not accepted: expected True or False")
-    _check_writable(folder, fn)
+    check_writable(folder, fn)
+    inner = unwrap(model)                  # a PeftModel: the transformers model it wraps is the base
     record = {"library_name": LIBRARY, "format_version": FORMAT_VERSION, "mixda_fast_version": __version__,
-              "method": method.name, "base_model_name_or_path": base_model_name_or_path or _name_or_path(model),
-              "base_model_class": type(model).__name__, "model_type": state.model_type,
+              "method": method.name, "base_model_name_or_path": base_model_name_or_path or _name_or_path(inner),
+              "base_model_class": type(inner).__name__, "model_type": state.model_type,
               "patch": method.describe(model), "config": state.config.to_dict()}
     tensors = method.tensors(model)
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
 def read_adapter_config(save_directory: Union[str, os.PathLike], fn: str = "read_adapter_config") -> dict:
     """The checked ``adapter_config.json`` of an adapter folder (``method`` a registered method,
     ``format_version`` one this package reads, ``config``, ``patch`` and ``model_type`` present)."""
-    path = as_path(save_directory, fn) / CONFIG_NAME
+    path = as_path(save_directory, fn, "save_directory", "folder path") / CONFIG_NAME
     where = f"{fn}: {str(path)!r}"
     try:
         record = json.loads(path.read_text())
@@ -207,7 +210,7 @@ def _from_legacy(model: nn.Module, folder: Path, fn: str) -> nn.Module:
     if meta.get("kind") != "all":
         raise ValueError(f"{where} has kind={meta.get('kind')!r}; expected 'all' (a whole {method.title} patch)")
     _check_model_type(model, meta.get("model_type"), where)
-    config = method.config_class.from_json(meta.get("config", "null"), source=str(path))
+    config = method.config_class.from_json(meta.get("config", "null"), source=f"{fn}: {str(path)!r}")
     return _patched_then(model, config, lambda: method.load_legacy(model, path))
 
 
@@ -227,7 +230,7 @@ def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLik
     if not isinstance(base_model, nn.Module):
         raise TypeError(f"{fn}: base_model={type(base_model).__name__} is not accepted: expected the unpatched "
                         "torch.nn.Module (a HuggingFace PreTrainedModel) the adapters were trained on")
-    folder = as_path(save_directory, fn)
+    folder = as_path(save_directory, fn, "save_directory", "folder path")
     if not folder.is_dir():
         raise AdapterFileNotFoundError(2, f"{fn}: save_directory={str(folder)!r} is not an existing folder; expected "
                                           "a folder that mixda_fast.save_pretrained wrote", str(folder))
@@ -240,7 +243,7 @@ def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLik
     where = f"{fn}: {str(folder)!r}"
     method = method_named(record["method"])
     _check_model_type(base_model, record["model_type"], where)
-    config = method.config_class.from_dict(record["config"], source=str(folder / CONFIG_NAME))
+    config = method.config_class.from_dict(record["config"], source=f"{fn}: {str(folder / CONFIG_NAME)!r}")
     _, tensors = read_safetensors(folder / WEIGHTS_NAME, _WEIGHTS_FORMAT, fn)
 
     def load() -> None:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["FamilySpec", "FAMILIES", "register_family", "family_of", "is_causal", "linear_weight"]
+__all__ = ["FamilySpec", "FAMILIES", "register_family", "family_of", "is_causal", "is_exact", "linear_weight"]
 
 
 @dataclass(frozen=True)
@@ -127,15 +127,18 @@ def is_causal(model: nn.Module, spec: FamilySpec) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def linear_weight(module: nn.Module):
-    """(weight, bias) of a projection in nn.Linear layout (out, in); transformers' Conv1D
-    stores (in, out) and is returned transposed (a view)."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t(), module.bias
-    raise TypeError(
-        f"mixda_fast: projection module {type(module).__name__} is not accepted: expected nn.Linear "
-        "or transformers' Conv1D"
-    )
+def is_exact(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D exactly, not a subclass (bitsandbytes' int8 / 4-bit Linear
+    is one): its forward is x W^T + b with a float weight the fused ops may read. Any other module
+    in a projection's place is called, never read (:mod:`.projections`)."""
+    return type(module) is nn.Linear or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
+
+def linear_weight(module: nn.Module):
+    """(weight, bias) of an exact projection (:func:`is_exact`) in nn.Linear layout (out, in);
+    transformers' Conv1D stores (in, out) and is returned transposed (a view)."""
+    if not is_exact(module):
+        raise TypeError(
+            f"mixda_fast: projection module {type(module).__name__} is not accepted: expected nn.Linear or "
+            "transformers' Conv1D exactly (a quantized or wrapped projection is called as a module, never read)")
+    return (module.weight, module.bias) if type(module) is nn.Linear else (module.weight.t(), module.bias)

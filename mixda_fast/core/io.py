@@ -121,10 +121,11 @@ def write_json(path: PathLike, data) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def as_path(path, fn: str) -> Path:
-    """``path`` as a Path; a TypeError naming ``fn`` when it is not a str or os.PathLike."""
+def as_path(path, fn: str, name: str = "path", what: str = "file path") -> Path:
+    """``path`` as a Path; a TypeError naming ``fn`` and the argument ``name`` when it is not a
+    str or os.PathLike (``what``: the kind of path expected)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{fn}: path={path!r} is not accepted: expected a str or os.PathLike file path")
+        raise TypeError(f"{fn}: {name}={path!r} is not accepted: expected a str or os.PathLike {what}")
     return Path(path)
 
 

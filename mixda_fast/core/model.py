@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .families import FamilySpec
+from .projections import is_quantized
 from .wrappers import unwrap
 
 __all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters",
@@ -52,13 +53,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def check_trainable(model: nn.Module, params, where: str) -> None:
-    """A ValueError naming the first of ``params`` that cannot require grad: an integer tensor, the
-    storage of a quantized module (bitsandbytes' int8 and packed 4-bit weights). ``where`` starts it."""
-    bad = next((p for p in params if not (p.is_floating_point() or p.is_complex())), None)
-    if bad is not None:
-        name = next((n for n, p in model.named_parameters() if p is bad), "?")
+def check_trainable(model: nn.Module, where: str, head_only: bool = False) -> None:
+    """A ValueError naming the first quantized module of ``model`` (of its task head only, with
+    ``head_only``), which cannot train: a parameter that is not floating point (bitsandbytes'
+    int8 and packed 4-bit weights) is named as such; torch.ao's dynamic Linear, which keeps its
+    weight packed behind a method and has no parameter at all, by its module. ``where`` starts it."""
+    base = base_model_of(model) if head_only else None
+    if base is model:
+        return                                           # no head
+    skip = {id(m) for m in base.modules()} if base is not None else set()
+    for name, m in model.named_modules():
+        if id(m) in skip or not is_quantized(m):
+            continue
+        bad = next(((n, p) for n, p in m.named_parameters(recurse=False)
+                    if not (p.is_floating_point() or p.is_complex())), None)
+        what = (f"parameter {(name + '.' if name else '') + bad[0]!r} of dtype {bad[1].dtype}" if bad else
+                f"module {name!r} ({type(m).__name__}, quantized)")
         raise ValueError(
-            f"{where}: parameter {name!r} of dtype {bad.dtype} is not accepted: expected floating-point "
-            "parameters (a quantized module cannot train); keep that module unquantized (bitsandbytes: "
-            "BitsAndBytesConfig(llm_int8_skip_modules=[...]); torch.ao: leave it out of quantize_dynamic)")
+            f"{where}: {what} is not accepted: expected floating-point parameters (a quantized module cannot "
+            "train); keep that module unquantized (bitsandbytes: BitsAndBytesConfig(llm_int8_skip_modules=[...]); "
+            "torch.ao: quantize model.base_model only, or leave the module out of quantize_dynamic)")

@@ -280,7 +280,8 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, o
     added (LoRA's A and B, ``modules_to_save`` wrappers; :func:`~.wrappers.foreign_parameters`):
     ``"keep"`` (default) leaves their ``requires_grad`` exactly as it was, in every stage, so
     ``get_peft_model`` then ``mark_trainable(model, "domain")`` trains LoRA and the domain
-    adapters together; ``"freeze"`` freezes them with the rest (``"all"`` unfreezes them).
+    adapters together; ``"freeze"`` freezes them in every stage but ``"all"`` (a task head inside
+    PEFT's ``modules_to_save`` wrapper included: "task" then trains no head).
     The host model's own weights (under PEFT's ``base_layer`` too) are frozen either way.
     """
     if not isinstance(model, nn.Module):
@@ -299,7 +300,7 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, o
         state = patch_state(target, "mark_trainable")
         check_member(target, domain, "mark_trainable", method.name)
     if stage == "all":
-        check_trainable(target, target.parameters(), "mark_trainable: stage='all'")
+        check_trainable(target, "mark_trainable: stage='all'")
     blocked = without_backward(target) if stage != "none" else []
     if blocked:
         warnings.warn(
@@ -307,7 +308,9 @@ def mark_trainable(model: nn.Module, stage: str, domain: Optional[str] = None, o
             "Linear, which has no backward in PyTorch: no gradient passes through them, so a loss reaches the "
             "trainable parameters only around them (not at all through a quantized head). Train on the float "
             "model and load the adapters into the quantized one (README 'Quantized base models')", stacklevel=2)
-    kept = [(p, p.requires_grad) for p in foreign_parameters(target)] if others == "keep" else []
+    # PEFT's parameters end as they were ("keep") or frozen ("freeze"; "all" trains them), whatever the
+    # stage unfroze: a PEFT modules_to_save wrapper around the task head holds head parameters too
+    kept = [(p, p.requires_grad if others == "keep" else stage == "all") for p in foreign_parameters(target)]
     before = [(p, p.requires_grad) for p in target.parameters()]
     try:
         for p in target.parameters():

@@ -1,9 +1,9 @@
-"""What a patch may read of a host projection: the one place that tells an exact projection from
-one that must be called as a module (docs/design.md section 1, "Quantized and wrapped hosts").
+"""What a patch may read of a host projection: an exact one's weight, any other's sizes and
+output dtype only (docs/design.md section 1, "Quantized and wrapped hosts").
 
 An *exact* projection (``nn.Linear`` or transformers' ``Conv1D``, exactly those classes) computes
-``x W^T + b`` from a float weight that the fused ops can read (``linear_weight``). Any other
-module in a projection's place is *called*, never read: bitsandbytes' ``Linear8bitLt`` /
+``x W^T + b`` from a float weight that the fused ops can read (:func:`is_exact`, defined next to
+``linear_weight`` in :mod:`.families`, the only reader of weights; re-exported here). Any other module in a projection's place is *called*, never read: bitsandbytes' ``Linear8bitLt`` /
 ``Linear4bit`` (subclasses of ``nn.Linear`` whose ``weight`` is int8 or packed 4-bit: a 4-bit
 (64, 32) projection stores a (1024, 1) uint8 tensor), torch.ao's dynamic int8 ``Linear`` (its
 weight sits behind a method, packed), PEFT's LoRA-wrapped ``Linear``. Its sizes come from
@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .families import linear_weight
+from .families import is_exact, linear_weight
 
 __all__ = ["is_exact", "projection_shape", "output_dtype", "projection_device", "floating_dtype",
-           "without_backward", "stores_quantized", "quantized_modules"]
+           "without_backward", "is_quantized", "quantized_modules"]
 
 
 def _ao_dynamic_linear() -> tuple:
@@ -37,11 +37,6 @@ def _ao_dynamic_linear() -> tuple:
 
 
 _AO_DYNAMIC_LINEAR = _ao_dynamic_linear()
-
-
-def is_exact(m: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D exactly: its forward is x W^T + b with a readable weight."""
-    return type(m) is nn.Linear or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
 
 
 def _features(m: nn.Module) -> Optional[tuple[int, int]]:
@@ -107,19 +102,17 @@ def without_backward(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, _AO_DYNAMIC_LINEAR)]
 
 
-def stores_quantized(m: nn.Module) -> bool:
-    """Whether ``m`` itself (not its children) stores quantized weights: torch.ao's dynamic
-    quantized Linear (its weight packed behind a method, no parameters) or a module with an integer
-    parameter (bitsandbytes' ``Int8Params`` int8 and ``Params4bit`` packed uint8 storage)."""
-    if isinstance(m, _AO_DYNAMIC_LINEAR):
-        return True
-    return any(not (p.is_floating_point() or p.is_complex()) for p in m.parameters(recurse=False))
+def is_quantized(m: nn.Module) -> bool:
+    """Whether ``m`` itself stores quantized weights: torch.ao's dynamic quantized Linear, or a
+    parameter of its own that is not floating point (bitsandbytes' int8 and packed 4-bit)."""
+    return isinstance(m, _AO_DYNAMIC_LINEAR) or any(
+        not (p.is_floating_point() or p.is_complex()) for p in m.parameters(recurse=False))
 
 
 def quantized_modules(model: nn.Module, within: Optional[list[nn.Module]] = None) -> list[tuple[str, nn.Module]]:
     """(name in ``model``, module) of every module that stores quantized weights
-    (:func:`stores_quantized`), in ``model``'s order; with ``within``, only those inside one of
+    (:func:`is_quantized`), in ``model``'s order; with ``within``, only those inside one of
     those modules (e.g. the transformer layers)."""
     inside = None if within is None else {id(m) for w in within for m in w.modules()}
     return [(n, m) for n, m in model.named_modules()
-            if (inside is None or id(m) in inside) and stores_quantized(m)]
+            if (inside is None or id(m) in inside) and is_quantized(m)]

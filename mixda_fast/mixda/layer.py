@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..core.call_state import CallState, StopForward
 from .config import MixDAConfig
-from ..core.families import FamilySpec, linear_weight
+from ..core.families import FamilySpec
 from .. import ops
 from . import forcing, packing
 from .formulations import folded_form, paper_form
@@ -194,7 +194,7 @@ class MixDAFFN(nn.Module):
         intermediate = self.mixda_config.adapter_input == "intermediate"
         logits = self.gate_logits(h if intermediate else x)      # (B, E) or (B, T, E)
         ads = list(self.adapters.values())
-        w2, b2 = linear_weight(host.down)
+        w2, b2 = host.down_weight()                              # fusable: W2 is exact
         y2, p = ops.mixda_out(h2, h2 if intermediate else x2, w2, b2,
                               [a.down.weight for a in ads], [a.down.bias for a in ads],
                               [a.up.weight for a in ads], [a.up.bias for a in ads],

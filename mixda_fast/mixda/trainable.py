@@ -29,9 +29,9 @@ STAGES = ("domain", "task", "none", "all")
 
 def unfreeze(model: nn.Module, state: PatchState, stage: str, domain: Optional[str]) -> None:
     """``requires_grad`` on for what ``stage`` ("domain" or "task") trains; a ValueError first when
-    the task head is quantized (its int8 weights cannot train)."""
+    the task head is quantized (bitsandbytes' int8 weights, torch.ao's packed ones cannot train)."""
     if stage == "task":
-        check_trainable(model, head_parameters(model), "mark_trainable: stage='task': the task head")
+        check_trainable(model, "mark_trainable: stage='task': the task head", head_only=True)
     for m in mixda_modules(model).values():
         m.gate.requires_grad_(m.mixda_config.gate_width > 1)   # a one-entry softmax is constant: no gradient
         if stage == "domain":

@@ -44,6 +44,7 @@ import torch.nn as nn
 from .. import ops
 from ..core.call_state import CallState
 from ..core.families import FamilySpec, linear_weight
+from ..core.projections import is_exact
 
 __all__ = ["MoDEBlock", "BATCHED_TAILS"]
 
@@ -326,13 +327,20 @@ class MoDEBlock(nn.Module):
             for layers in self.experts.values():
                 for layer in layers:
                     if getattr(layer, "chunk_size_feed_forward", 0) or (
-                            getattr(layer, "gradient_checkpointing", False) and layer.training):
+                            getattr(layer, "gradient_checkpointing", False) and layer.training) or not all(
+                            is_exact(layer.get_submodule(p)) for p in self._projection_paths()):
                         ok = False
         if not ok and not self._warned_loop:
-            logger.info("MoDE block %d: execution='batched' is not available here (family %r, chunked FFN or "
-                        "gradient checkpointing); running the experts one by one", self.index, self._model_type)
+            logger.info("MoDE block %d: execution='batched' is not available here (family %r, chunked FFN, "
+                        "gradient checkpointing or a wrapped projection); running the experts one by one",
+                        self.index, self._model_type)
             self._warned_loop = True
         return ok
+
+    def _projection_paths(self) -> list[str]:
+        """The FFN projections the batched path reads as weights (``core.projections.is_exact`` only)."""
+        s = self._spec
+        return [p for p in (s.up, s.gate_proj, s.down) if p]
 
     def _ffn_modules(self, depth: int) -> list[dict]:
         s = self._spec

@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 
 from ..core.call_state import CallState
-from ..core.families import FamilySpec, family_of, linear_weight
+from ..core.families import FamilySpec, family_of
 from ..core.model import base_model_of, layer_list
 from ..core.patch import Journal, PatchState, attribute_set, is_patched, patch_state
-from ..core.projections import quantized_modules
+from ..core.projections import projection_shape, quantized_modules
 from ..core.wrappers import foreign_modules
 from .block import MoDEBlock
 from .config import MoDEConfig
@@ -89,8 +89,8 @@ class _Exit:
 
 
 def _hidden_size(layer: nn.Module, spec: FamilySpec) -> int:
-    weight, _ = linear_weight(layer.get_submodule(spec.down))
-    return int(weight.shape[0])
+    """D from the down projection's (out, in): a wrapped one's (PEFT) from its sizes, never a weight."""
+    return projection_shape(layer.get_submodule(spec.down), "patch_model", "layer 0: down projection")[0]
 
 
 def _check_plain_layers(model: nn.Module, backbone) -> None:

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
+from ..core.adapter_folder import check_writable
 from ..core.families import family_of
 from ..core.io import LM_HEAD
 from ..core.model import count_parameters, head_parameters, layer_list
@@ -92,6 +93,8 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
         raise TypeError(f"run_stage1: domain={domain!r} is not accepted: expected a non-empty str")
     check_choice("run_stage1: old_loss", old_loss, OLD_LOSSES)
     output_dir = Path(output_dir)
+    if save:                             # refused now, not after training
+        check_writable(output_dir, "run_stage1")
     output_dir.mkdir(parents=True, exist_ok=True)
     family_of(model)
     seed_before_init(training_args)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
-from ..core.adapter_folder import from_pretrained
+from ..core.adapter_folder import check_writable, from_pretrained
 from ..core.families import family_of
 from ..core.io import HEAD, LM_HEAD
 from ..core.model import count_parameters, head_parameters
@@ -154,6 +154,8 @@ def run_stage2(model: nn.Module, tokenizer, train, output_dir: Union[str, os.Pat
     if task not in TASKS:
         raise ValueError(f"run_stage2: task={task!r} is not accepted: expected one of {' | '.join(map(repr, TASKS))}")
     output_dir = Path(output_dir)
+    if save:                             # refused now, not after training
+        check_writable(output_dir, "run_stage2")
     output_dir.mkdir(parents=True, exist_ok=True)
     source = str(train) if isinstance(train, (str, os.PathLike)) else None
     train_ds, labels = load_task(train, task, labels) if isinstance(train, (str, os.PathLike)) else train

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.adapter_folder import from_pretrained
+from ..core.adapter_folder import check_writable, from_pretrained
 from ..core.extras import require
 from ..core.families import family_of
 from ..mode.config import MoDEConfig
@@ -233,6 +233,8 @@ def run_mode_stage1(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     if not isinstance(domain, str) or not domain:
         raise TypeError(f"run_mode_stage1: domain={domain!r} is not accepted: expected a non-empty str")
     output_dir = Path(output_dir)
+    if save:                             # refused now, not after training
+        check_writable(output_dir, "run_mode_stage1")
     output_dir.mkdir(parents=True, exist_ok=True)
     family_of(model)
     if is_patched(model) and not is_mode_patched(model):
@@ -275,6 +277,8 @@ def run_mode_stage2(model: nn.Module, tokenizer, data: PathOrData, output_dir: U
     the LM loss of mixed-domain ``data``. With no ``experts``, ``model`` must be MoDE-patched
     already (e.g. by ``compose_experts``) and is trained as it is."""
     output_dir = Path(output_dir)
+    if save:                             # refused now, not after training
+        check_writable(output_dir, "run_mode_stage2")
     if isinstance(experts, (str, os.PathLike)):
         experts = [experts]
     expert_files = [resolve_expert_file(e) for e in experts]     # before anything is patched or written

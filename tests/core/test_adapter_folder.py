@@ -231,3 +231,18 @@ def test_peft_refuses_the_folder_rather_than_misreading_it(tmp_path):
     _saved("bert", "mixda", tmp_path)
     with pytest.raises((TypeError, KeyError, ValueError), match="peft_type"):
         peft.PeftConfig.from_pretrained(str(tmp_path))
+
+
+def test_bad_arguments_and_a_bad_recorded_config_are_named_with_the_function(tmp_path):
+    model = _saved("bert", "mixda", tmp_path / "ad")
+    for call in (lambda: mf.save_pretrained(model, 3), lambda: mf.from_pretrained(tiny_model("bert", head="lm"), None)):
+        with pytest.raises(TypeError, match=r"^(save|from)_pretrained: save_directory=(3|None) is not accepted: "
+                                            r"expected a str or os.PathLike folder path$"):
+            call()
+    _edit_config(tmp_path / "ad", config={"reduction_factor": -1})
+    base = tiny_model("bert", head="lm")
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=r"^from_pretrained: '.*adapter_config.json': MixDAConfig.reduction_factor=-1 "
+                                         r"is not accepted"):
+        mf.from_pretrained(base, tmp_path / "ad")
+    _unchanged(base, before)

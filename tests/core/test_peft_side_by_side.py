@@ -2,6 +2,7 @@
 each library saving its own part, merge_and_unload, LoRA on the FFN's own projections."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -132,7 +133,9 @@ def test_mark_trainable_leaves_peft_modules_to_save_alone():
     assert peft_own <= _trainable(pm)
     assert not any("original_module" in n for n in _trainable(pm))   # the head PEFT shadows stays frozen
     assert any(".gate." in n for n in _trainable(pm))
-    assert not any("lora_" in n or "modules_to_save" in n for n in _trainable(mf.mark_trainable(pm, "none", others="freeze")))
+    frozen = _trainable(mf.mark_trainable(pm, "task", others="freeze"))    # PEFT's own frozen, the head it wraps too
+    assert frozen and not any("lora_" in n or "modules_to_save" in n or "original_module" in n for n in frozen)
+    assert any(".gate." in n for n in frozen)
 
 
 def _reload(family, order, targets, lora_dir, mixda_file):
@@ -298,3 +301,53 @@ def test_mode_refuses_peft_layers_in_the_transformer_layers_and_changes_nothing(
     assert {n: id(m) for n, m in pm.named_modules()} == modules and torch.equal(_out(pm, inputs), ref)
     mf.patch_model(pm, mf.MixDAConfig(**MIXDA))
     assert mf.is_patched(pm)
+
+
+def test_an_adapter_folder_saved_from_a_peft_model_holds_mixda_alone_and_names_the_base(tmp_path, one_thread):
+    """mixda_fast.save_pretrained / from_pretrained take the PeftModel too: the folder records the
+    transformers model inside it (its class on the card), holds no LoRA tensor, and rebuilds the
+    MixDA part exactly next to PEFT's own reload of LoRA."""
+    from mixda_fast.core.adapter_folder import CONFIG_NAME, WEIGHTS_NAME
+    from safetensors import safe_open
+
+    inputs = batch("bert")
+    _, pm = _both("bert", "peft_first", ATTENTION["bert"])
+    randomize_patch(pm)
+    _randomize_lora(pm)
+    want = _out(pm, inputs)
+    mf.save_pretrained(pm, tmp_path / "mixda")
+    pm.save_pretrained(tmp_path / "lora")
+    record = json.loads((tmp_path / "mixda" / CONFIG_NAME).read_text())
+    assert record["base_model_class"] == "BertModel"
+    assert "transformers.BertModel.from_pretrained" in (tmp_path / "mixda" / "README.md").read_text()
+    with safe_open(str(tmp_path / "mixda" / WEIGHTS_NAME), framework="pt") as f:
+        assert f.keys() and not any("lora" in k for k in f.keys())
+    again = peft.PeftModel.from_pretrained(tiny_model("bert"), tmp_path / "lora")
+    assert mf.from_pretrained(again, tmp_path / "mixda") is again and mf.is_patched(again.get_base_model())
+    assert torch.equal(_out(again, inputs), want)
+
+
+@pytest.mark.parametrize("others", ["keep", "freeze"])
+def test_a_refused_stage_next_to_peft_restores_every_flag_and_a_granted_one_keeps_loras(others):
+    """mark_trainable's two rules together: a stage refused for a quantized task head (an int8
+    weight stands for bitsandbytes' here) leaves every flag as it was, LoRA's included, with
+    either ``others``; once the head is float the stage trains it and LoRA is kept or frozen."""
+    pm = _lora(tiny_model("bert", head="cls"), ATTENTION["bert"])
+    mf.patch_model(pm, mf.MixDAConfig(**MIXDA))
+    mf.mark_trainable(pm, "domain")
+    head = pm.get_base_model().classifier
+    float_weight = head.weight
+    head.weight = torch.nn.Parameter(torch.zeros(head.weight.shape, dtype=torch.int8), requires_grad=False)
+    flags = {n: p.requires_grad for n, p in pm.named_parameters()}
+    assert any(f for n, f in flags.items() if "lora_" in n) and any(f for n, f in flags.items() if ".adapters." in n)
+    for stage in ("task", "all"):
+        with pytest.raises(ValueError, match=r"mark_trainable: stage='(task|all)'.*'classifier.weight' of dtype "
+                                             r"torch.int8 is not accepted"):
+            mf.mark_trainable(pm, stage, others=others)
+        assert {n: p.requires_grad for n, p in pm.named_parameters()} == flags, stage
+    head.weight = float_weight
+    trained = _trainable(mf.mark_trainable(pm, "task", others=others))
+    lora = {n for n, _ in pm.named_parameters() if "lora_" in n}
+    assert {n for n in trained if "classifier" in n} and any(".gate." in n for n in trained)
+    assert not any(".adapters." in n for n in trained)
+    assert (lora <= trained) if others == "keep" else not (lora & trained)

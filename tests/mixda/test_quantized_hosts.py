@@ -155,12 +155,16 @@ def test_stage1_stage2_and_saved_adapters_on_a_quantized_base(tmp_path, kind, fa
         assert a.dtype == torch.float32 and torch.equal(a, b)
     mf.load_adapters(again, mf.save_adapters(model, tmp_path / "all.safetensors"))   # gates too
     assert torch.equal(_logits(again, inputs), want)
+    mf.save_pretrained(model, tmp_path / "folder")                # the adapter folder, too
+    rebuilt = mf.from_pretrained(quantized(kind, family, tmp_path), tmp_path / "folder")
+    assert torch.equal(_logits(rebuilt, inputs), want)
 
     cls = quantized(kind, family, tmp_path, head="cls")       # stage 2: head and task adapters train
     mf.patch_model(cls, config)
     mf.load_adapters(cls, saved)
     mf.add_task_adapters(cls, "houlsby", reduction_factor=4)
-    with _no_backward_warning(kind):
+    # torch.ao leaves GPT-2's Conv1D float: with the head kept float too, nothing is quantized there
+    with _no_backward_warning("float" if (kind, family) == ("ao", "gpt2") else kind):
         mf.mark_trainable(cls, "task")
     cls.train()
     domain = {n: p.detach().clone() for n, p in cls.named_parameters() if ".adapters." in n}
@@ -187,6 +191,26 @@ def test_a_quantized_task_head_is_refused_and_nothing_changes(tmp_path):
         mf.mark_trainable(model, "task")
     with pytest.raises(ValueError, match=r"mark_trainable: stage='all': parameter .* torch.int8"):
         mf.mark_trainable(model, "all")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_a_torch_ao_quantized_task_head_is_refused_and_nothing_changes():
+    """quantize_dynamic on the whole classifier quantizes its head too: a module with no parameter
+    at all, so stage 2 would silently train no head. mark_trainable refuses it by name."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForSequenceClassification.from_config(quantized_config("bert"))
+    model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    mf.patch_model(model, mf.MixDAConfig(domains=["d"], layers=[1]))
+    with _no_backward_warning("ao"):
+        mf.mark_trainable(model, "domain")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"^mark_trainable: stage='task': the task head: module 'classifier' "
+                                         r"\(Linear, quantized\) is not accepted: expected floating-point"):
+        with _no_backward_warning("ao"):
+            mf.mark_trainable(model, "task")
+    with pytest.raises(ValueError, match=r"^mark_trainable: stage='all': module 'bert.encoder.layer.0.attention"
+                                         r".self.query' \(Linear, quantized\) is not accepted"):
+        mf.mark_trainable(model, "all")              # full fine-tuning of a quantized model: nothing there trains
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
@@ -316,3 +340,35 @@ def test_adapters_trained_on_the_float_model_load_into_its_torch_ao_quantized_co
         assert torch.equal(_logits(quant, inputs), ref_quant)
     with pytest.warns(UserWarning, match=r"mark_trainable: \d+ modules \(first: 'model.layers.0.self_attn.q_proj'\)"):
         mf.mark_trainable(quant, "domain")
+
+
+def test_mode_reads_the_width_of_a_wrapped_down_projection_from_its_sizes():
+    """A float backbone whose W2 is wrapped (PEFT's shape): MoDE patches it (D from base_layer), and
+    the batched execution, which reads expert weights, runs those experts one by one instead."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(quantized_config("llama")).eval()
+    model.base_model.layers[0].mlp.down_proj = _Wrapped(model.base_model.layers[0].mlp.down_proj)
+    mf.patch_model(model, mf.MoDEConfig(domains=["a", "b"], num_blocks=3, expert_layers=1, execution="batched"))
+    assert mf.mode_blocks(model)[0].gate.in_features == D
+    randomize_patch(model)
+    batched = _logits(model, batch("llama"))
+    for block in mf.mode_blocks(model):
+        block.execution = "loop"
+    torch.testing.assert_close(_logits(model, batch("llama")), batched, rtol=1e-5, atol=1e-5)
+
+
+def test_one_rule_tells_an_exact_projection_and_only_those_are_read():
+    """core.families.is_exact is the rule the patch, the fused path and linear_weight share: a
+    subclass of nn.Linear (bitsandbytes' quantized Linear is one) is not read as a float weight."""
+    from mixda_fast.core import families, projections
+
+    class Subclass(nn.Linear):
+        pass
+
+    assert projections.is_exact is families.is_exact
+    assert families.is_exact(nn.Linear(2, 3)) and not families.is_exact(Subclass(2, 3))
+    assert families.linear_weight(nn.Linear(2, 3))[0].shape == (3, 2)
+    with pytest.raises(TypeError, match=r"projection module Subclass is not accepted: expected nn.Linear or "
+                                        r"transformers' Conv1D exactly"):
+        families.linear_weight(Subclass(2, 3))
+    assert projections.projection_shape(Subclass(2, 3), "f", "w") == (3, 2)

@@ -116,3 +116,19 @@ def test_mode_stage_folder_is_an_adapter_folder_and_an_old_one_still_loads(tmp_p
     assert torch.equal(_logits(mf.from_pretrained(fresh, tmp_path / "s1"), family), _logits(lm, family))
     _to_old_layout(tmp_path / "s1", lm, "experts")
     assert torch.equal(_logits(load_mode_run(tmp_path / "s1")[0], family), _logits(lm, family))
+
+
+def test_a_stage_refuses_a_folder_holding_a_peft_adapter_before_it_trains(tmp_path):
+    """The adapter folder is written after training: a folder it would refuse then (another
+    library's adapter) is refused before anything is patched, trained or written."""
+    base = _base(tmp_path)
+    knowledge, general, _ = write_data(tmp_path)
+    out = tmp_path / "peft_out"
+    out.mkdir()
+    (out / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    lm, tok, _ = load_lm(base)
+    for run in (lambda: run_stage1(lm, tok, knowledge, out, general=general, domain="colors", training_args=QUIET),
+                lambda: run_mode_stage1(lm, tok, knowledge, out, domain="colors", training_args=QUIET)):
+        with pytest.raises(ValueError, match=r"^run_(mode_)?stage1: .*belongs to a PEFT adapter"):
+            run()
+        assert not mf.is_patched(lm) and sorted(p.name for p in out.iterdir()) == [CONFIG_NAME]
