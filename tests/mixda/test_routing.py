@@ -61,7 +61,7 @@ def test_forcing_a_domain_is_exactly_a_gate_with_all_weight_there(formulation, m
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_mixed_batch_rows_are_exactly_each_row_forced(family, backend):
+def test_mixed_batch_rows_are_exactly_each_row_forced(family, backend, fused_op_calls):
     """Each row of a batch mixing four requests (three domains, one left to the gate) equals that
     row of the whole batch forced to its domain (the same GEMM shapes: exact by construction), and
     each forced row equals that row run alone with its domain forced, bit for bit on this CPU
@@ -78,6 +78,8 @@ def test_mixed_batch_rows_are_exactly_each_row_forced(family, backend):
         inputs = batch(family, B=4, T=8)
         rows = ["bio", "law", None, "news"]
         mixed = _out(model, inputs, mixda_domains=rows)
+        # through the fused op in every layer, by the kernels where the backend asks for them
+        assert fused_op_calls == [backend == "cpp"] * len(mf.mixda_modules(model))
         for b, d in enumerate(rows):
             whole = _out(model, inputs) if d is None else _out(model, inputs, mixda_domains=d)
             assert torch.equal(mixed[b], whole[b])
