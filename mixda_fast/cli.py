@@ -16,7 +16,7 @@
 
 The training commands take ``--bf16`` / ``--fp16`` (mixed precision; fp16 needs a GPU),
 ``--gate-lr`` and ``--quiet`` (warnings, errors and the result only); transformers' load report
-is not printed (missing weights other than an expected head are named in one warning).
+is shown only when weights other than an expected head are missing (named in one warning first).
 
 Data errors print one line naming the file, the 1-based line and the field, and exit with status 2.
 """
