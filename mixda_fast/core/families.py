@@ -138,4 +138,3 @@ def linear_weight(module: nn.Module):
         f"mixda_fast: projection module {type(module).__name__} is not accepted: expected nn.Linear "
         "or transformers' Conv1D"
     )
-
