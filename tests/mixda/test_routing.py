@@ -226,7 +226,10 @@ def test_rows_of_a_block_checked_at_the_first_layer_and_hooks_gone_after_unpatch
     model = tiny_model("bert")
     pre, post = len(model._forward_pre_hooks), len(model._forward_hooks)
     mf.patch_model(model, mf.MixDAConfig(domains=DOMAINS))
-    with mf.domain_forced(model, ["bio", "law"]), pytest.raises(ValueError, match="2 rows, the batch has 3"):
+    message = r"^domain_forced: domains=\['bio', 'law'\] is not accepted for this batch: 2 rows for a batch of 3;"
+    with mf.domain_forced(model, ["bio", "law"]), pytest.raises(ValueError, match=message):
+        _out(model, batch("bert", B=3, T=8))
+    with mf.domain_forced(model, {1: ["bio", None]}), pytest.raises(ValueError, match=r"domains\[1\]=\['bio', None\]"):
         _out(model, batch("bert", B=3, T=8))
     copied = copy.deepcopy(model)                                  # a copy forces on its own
     inputs = batch("bert")
