@@ -185,6 +185,9 @@ def parse(spec, names: list, width: int, layers: list, where: str, only=None) ->
     if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence) or not all(is_int(i) for i in chosen):
         raise TypeError(f"{where}: layers={only!r} is not accepted: expected a list of layer indices from "
                         f"{layers} (the patched layers)")
+    if not chosen:                            # forcing no layer is a mistake, not a no-op to allow
+        raise ValueError(f"{where}: layers={only!r} is not accepted: expected a non-empty list of layer indices "
+                         f"from {layers} (the patched layers)")
     wrong = [i for i in chosen if i not in layers]
     if wrong:
         raise ValueError(f"{where}: layer {wrong[0]} is not accepted: the patched layers are {layers}")

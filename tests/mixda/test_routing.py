@@ -266,7 +266,7 @@ def test_unpatched_or_mode_models_and_bad_layers_are_refused():
         with mf.domain_forced(model, "bio"):
             pass
     model = _patched()
-    for layers, exc in (("0", TypeError), ([0, 9], ValueError), ([True], TypeError)):
+    for layers, exc in (("0", TypeError), ([0, 9], ValueError), ([True], TypeError), ([], ValueError)):
         with pytest.raises(exc, match="domain_forced.*layer"):
             with mf.domain_forced(model, "bio", layers=layers):
                 pass
