@@ -205,6 +205,8 @@ def test_gate_lr_refused_where_no_gate_trains(tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
     assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "s1", "--gate-lr", "1e-3", "--freeze-gate")) == 2
     assert "--gate-lr 0.001 is not accepted with --freeze-gate: the gate does not train" in capsys.readouterr().err
+    assert main(_stage1_args(ckpt, knowledge, general, tmp_path / "s1", "--gate-lr", "1e-3", "--mixing", "residual")) == 2
+    assert "--gate-lr 0.001 is not accepted with --mixing residual" in capsys.readouterr().err
     task = write_jsonl(tmp_path / "task.jsonl", easy_task_rows())
     assert main(["stage2", "--model", ckpt, "--train", str(task), "--output", str(tmp_path / "s2"),
                  "--gate-lr", "1e-3"]) == 2
