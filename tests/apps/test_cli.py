@@ -335,8 +335,11 @@ def test_stage2_gradient_checkpointing_trains_the_same_task_adapter(tmp_path):
     task = write_jsonl(tmp_path / "task.jsonl", easy_task_rows())
     args = ["stage2", "--model", ckpt, "--train", str(task), "--max-steps", "2", "--batch-size", "8",
             "--no-progress", "--task-adapter", "houlsby"]
-    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
-    assert main([*args, "--output", str(tmp_path / "gc"), "--gradient-checkpointing"]) == 0
+    for name, extra in (("plain", []), ("gc", ["--gradient-checkpointing"])):
+        assert main([*args, "--output", str(tmp_path / name), "--save-steps", "2", *extra]) == 0
+        targs = torch.load(str(tmp_path / name / "checkpoint-2" / "training_args.bin"), weights_only=False)
+        on = getattr(targs, "activation_checkpointing", False) or targs.gradient_checkpointing
+        assert on == (name == "gc")                                   # the flag reached the Trainer
     for name in ("task_adapters.safetensors", "head.safetensors"):
         want, got = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "gc" / name))
         assert got.keys() == want.keys() and got
