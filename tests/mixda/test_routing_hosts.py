@@ -1,10 +1,11 @@
 """Forced domains on hosts other than a plain transformers model: through a PEFT ``PeftModel``
 (``model(..., mixda_domains=...)`` and ``domain_forced``, LoRA on attention, either order of
-patching), and on the non-fused ("folded") path of a LoRA-wrapped FFN and a torch.ao int8 host.
+patching), and on the non-fused ("folded") path of a LoRA-wrapped FFN and of quantized hosts
+(bitsandbytes 8-bit and 4-bit where it runs, torch.ao dynamic int8).
 
 Exact everywhere: a forced domain equals a gate whose logits put all weight there, and a mixed
 batch equals the same batch under ``domain_forced``. Where the host computes each row on its own
-(PEFT, LoRA on the FFN), a row of a mixed batch also equals that row of the batch forced whole to
+(PEFT, LoRA on the FFN, bitsandbytes), a row of a mixed batch also equals that row of the batch forced whole to
 its domain (the same shapes, so the same host GEMMs). A row run *alone* is not compared bit for
 bit here: LoRA's own GEMMs (and the classification head's) round differently at batch 1 than at 4
 even with MixDA off. torch.ao's dynamic int8 quantizes each Linear's input with one scale for the
@@ -12,17 +13,22 @@ whole batch, so its rows depend on each other (the unpatched int8 model's too: m
 these tiny models); there a mixed batch is checked against the block and the one-hot gates only.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
+import transformers as tf
 
 import mixda_fast as mf
-from tiny_models import batch, randomize_patch, tiny_model
+from tiny_models import CONFIGS, batch, randomize_patch, tiny_model
 
 peft = pytest.importorskip("peft")
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated"),
+              pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
+              pytest.mark.filterwarnings("ignore:.*quantize_per_tensor"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")]
 
 DOMAINS = ["bio", "law", "news"]
@@ -109,13 +115,37 @@ def _int8(family):
     return mf.patch_model(model, _config())
 
 
-@pytest.mark.parametrize("host", ["lora_ffn", "int8_bert", "int8_llama"])
-def test_forcing_is_exact_on_the_folded_path_of_wrapped_and_quantized_hosts(host, fused_op_calls):
-    model = _lora_ffn() if host == "lora_ffn" else _int8(host.split("_")[1])
+def _bnb(bits: int, family: str, folder):
+    """A tiny 64-wide model (bitsandbytes' CPU 4-bit kernel needs in_features >= 64) loaded in
+    ``bits`` through BitsAndBytesConfig, patched; skipped where bitsandbytes does not run."""
+    pytest.importorskip("bitsandbytes")
+    config = CONFIGS[family]()
+    config.hidden_size, config.intermediate_size = 64, 128
+    if family == "llama":
+        config.head_dim, config.pad_token_id = 32, 0
+    cls = tf.AutoModelForCausalLM if family == "llama" else tf.AutoModelForMaskedLM
+    torch.manual_seed(0)
+    cls.from_config(config).save_pretrained(folder)
+    q = (tf.BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+         tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(folder, quantization_config=q, device_map="cpu").eval()
+            model(**batch(family, B=1, T=4))
+    except Exception as e:  # noqa: BLE001 - any failure of bitsandbytes here is a reason to skip
+        pytest.skip(f"bitsandbytes does not run on this CPU ({type(e).__name__}: {e})")
+    return mf.patch_model(model, _config())
+
+
+@pytest.mark.parametrize("host", ["lora_ffn", "int8_bert", "int8_llama", "bnb8_bert", "bnb4_llama"])
+def test_forcing_is_exact_on_the_folded_path_of_wrapped_and_quantized_hosts(host, fused_op_calls, tmp_path):
+    kind, family = host.split("_") if host != "lora_ffn" else ("lora", "llama")
+    model = {"lora": _lora_ffn, "int8": lambda: _int8(family),
+             "bnb8": lambda: _bnb(8, family, tmp_path), "bnb4": lambda: _bnb(4, family, tmp_path)}[kind]()
     randomize_patch(model, std=0.5)
     assert not any(m.host.fusable() for m in mf.mixda_modules(model).values())
-    family = "bert" if host == "int8_bert" else "llama"
     inputs = batch(family, B=4, T=8)
-    _rows_exact(model, inputs, rows_independent=host == "lora_ffn")
+    _rows_exact(model, inputs, rows_independent=kind != "int8")
     assert not fused_op_calls                                      # the folded path, not the fused op
     _one_hot_exact(model, inputs, 2)
