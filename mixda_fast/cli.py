@@ -16,7 +16,7 @@
 
 The training commands take ``--bf16`` / ``--fp16`` (mixed precision; fp16 needs a GPU),
 ``--gate-lr`` and ``--quiet`` (warnings, errors and the result only); transformers' load report
-is not printed (missing weights other than an expected head are named in one warning).
+is shown only when weights other than an expected head are missing (named in one warning first).
 
 Data errors print one line naming the file, the 1-based line and the field, and exit with status 2.
 """
@@ -310,6 +310,9 @@ def _stage1(args: argparse.Namespace) -> int:
 
     if args.gate_lr is not None and args.freeze_gate:
         raise ValueError(f"--gate-lr {args.gate_lr:g} is not accepted with --freeze-gate: the gate does not train")
+    if args.gate_lr is not None and args.mixing == "residual":
+        raise ValueError(f"--gate-lr {args.gate_lr:g} is not accepted with --mixing residual: stage 1's one domain "
+                         "makes a gate of one entry (weight 1 always), which does not train")
     knowledge = load_knowledge(args.knowledge)          # validate the data before loading the model
     general = load_texts(args.general) if args.general else None
     model, tokenizer, missing = load_lm(args.model)

@@ -21,7 +21,9 @@ Reported: fact exact-match after stage 1 (the knowledge base, whole target maske
 accuracy and macro-F1 on held-out people after stage 2, general-text drift after stage 1 (mean
 relative change of the encoder's last hidden states on held-out Python-docs sentences), median
 time per training step, trainable parameters; the stage-2 MixDA model's mean gate weights per
-layer on a few facts, task sentences and general sentences (``mixda_fast.gate_weights``).
+layer on a few facts, task sentences and general sentences (``mixda_fast.gate_weights``), and
+how much the patch changes each layer's FFN output on them (with the demo's one domain under
+residual mixing the gate has one entry, weight 1 by construction, so the change is what varies).
 Prints a table, writes ``loss_curves.png``, ``accuracy.png``, ``speed.png``,
 ``gate_weights.png`` and ``results.json``.
 """
@@ -108,20 +110,30 @@ def _stage2_summary(model, tok, data, res, labels, trainable) -> dict:
 
 
 def gate_weight_means(model, tok, texts: dict, max_length: int = 64) -> dict:
-    """{"entries": the gate's entries (domains, then "ffn" under paper mixing), "texts": {kind:
-    {layer: mean softmax weight per entry}}} of a MixDA-patched model over each kind's texts."""
-    from ..mixda.patching import patch_config
+    """What the gates chose and what it did, over each kind's texts, for a MixDA-patched model:
+    {"entries": the gate's entries (domains, then "ffn" under paper mixing), "texts": {kind:
+    {layer: mean softmax weight per entry}}, "change": {kind: {layer: mean ||y - f|| / ||f||}}},
+    with y the patched FFN's output and f the host FFN's (the old-knowledge pair). The change is
+    what the plot has to show where the gate has a single entry (one domain under residual
+    mixing: its weight is 1 by construction). Each text runs alone (no padding in the means)."""
+    from ..mixda.patching import mixda_state, patch_config
     from ..mixda.routing import gate_weights
     from ..training.evaluate import hidden_states
 
-    config = patch_config(model)
-    out = {}
+    config, state = patch_config(model), mixda_state(model)
+    layers = list(state.layers)                            # the order the layers run in
+    weights, change = {}, {}
     for kind, batch in texts.items():
-        with torch.no_grad(), gate_weights(model) as calls:
-            hidden_states(model, tok, batch, max_length=max_length)
-        rows = {layer: torch.cat([c[layer].reshape(-1, c[layer].shape[-1]) for c in calls]) for layer in calls[0]}
-        out[kind] = {layer: w.mean(0).tolist() for layer, w in rows.items()}
-    return {"entries": list(config.domains) + (["ffn"] if config.mixing == "paper" else []), "texts": out}
+        captures: list = []
+        with torch.no_grad(), gate_weights(model) as calls, state.calls.collecting(captures):
+            hidden_states(model, tok, batch, max_length=max_length, batch_size=1)
+        weights[kind] = {layer: torch.cat([c[layer].reshape(-1, c[layer].shape[-1]) for c in calls]).mean(0).tolist()
+                         for layer in layers if calls}      # no calls: the adapters are off, no gate ran
+        ratios = [float((y - f).norm() / f.norm()) for y, f in captures]      # layer order, text after text
+        assert len(ratios) == len(layers) * len(batch), "one (y, f) pair per patched layer and text"
+        change[kind] = {layer: sum(ratios[i::len(layers)]) / len(batch) for i, layer in enumerate(layers)}
+    return {"entries": list(config.domains) + (["ffn"] if config.mixing == "paper" else []), "texts": weights,
+            "change": change}
 
 
 def _train_knowledge_only(model, tok, data, s: DemoSettings, lr: float, out: Path):

@@ -16,9 +16,10 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_gate_weights(gate: dict, path) -> Path:
     """One panel per gate entry (domain, or the FFN under paper mixing): its mean softmax weight
-    per patched layer, one bar per kind of text. ``gate`` is what ``demo.mixda.gate_weight_means``
-    returns. A gate of one entry (K = 1, residual mixing, the demo's default) weighs it 1 by
-    construction, and the title says so."""
+    per patched layer, one bar per kind of text; and a last panel: the mean relative change the
+    patch makes to each layer's FFN output, ||y - f|| / ||f||. ``gate`` is what
+    ``demo.mixda.gate_weight_means`` returns. A gate of one entry (K = 1, residual mixing, the
+    demo's default) weighs it 1 by construction: its panel is left out and the title says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,17 +27,20 @@ def plot_gate_weights(gate: dict, path) -> Path:
 
     entries, texts = gate["entries"], gate["texts"]
     layers = list(next(iter(texts.values())))
-    fig, axes = plt.subplots(1, len(entries), figsize=(1.5 + 3.2 * len(entries), 3.4), squeeze=False)
+    panels = [(f"gate weight of {entry!r}", "mean softmax weight", (0, 1.05),
+               {kind: {l: w[l][e] for l in layers} for kind, w in texts.items()})
+              for e, entry in enumerate(entries)] if len(entries) > 1 else []
+    panels.append(("the patch's change of the FFN output", "mean ||y - f|| / ||f||", None, gate["change"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 3.4 * len(panels), 3.4), squeeze=False)
     width = 0.8 / len(texts)
-    for e, (ax, entry) in enumerate(zip(axes[0], entries)):
-        for i, (kind, per_layer) in enumerate(texts.items()):
-            ax.bar([j + i * width for j in range(len(layers))], [per_layer[l][e] for l in layers], width, label=kind)
+    for ax, (title, ylabel, ylim, values) in zip(axes[0], panels):
+        for i, (kind, per_layer) in enumerate(values.items()):
+            ax.bar([j + i * width for j in range(len(layers))], [per_layer[l] for l in layers], width, label=kind)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], [str(l) for l in layers])
-        ax.set(title=f"gate weight of {entry!r}", xlabel="layer", ylim=(0, 1.05))
-    axes[0][0].set_ylabel("mean softmax weight")
+        ax.set(title=title, xlabel="layer", ylabel=ylabel, ylim=ylim)
     axes[0][-1].legend(fontsize=7)
     if len(entries) == 1:
-        fig.suptitle("one gate entry: its weight is 1 by construction", fontsize=8)
+        fig.suptitle(f"one gate entry ({entries[0]!r}): its weight is 1 by construction", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -49,20 +49,22 @@ ACCEPTED = ("a domain name, weights (a dict domain -> weight, or a sequence of t
 class Forced:
     """The fixed gate weights of one layer for one call: ``weights`` (E,) for every row or (B, E)
     per row (rows the gate decides are ignored); ``learned`` (B,) bool marks rows that the gate
-    decides (None: no such row)."""
+    decides (None: no such row); ``given`` names what the caller wrote, for an error that only
+    the batch reveals ("domain_forced: domains=[...]")."""
 
-    def __init__(self, weights: torch.Tensor, learned: Optional[torch.Tensor] = None):
+    def __init__(self, weights: torch.Tensor, learned: Optional[torch.Tensor] = None, given: str = KEYWORD):
         self.learned = learned
+        self.given = given
         self.rows = None if weights.dim() == 1 else weights.shape[0]
         self._logits = torch.log(weights.float())      # log(0) = -inf: a zero weight stays exactly 0
         self._cast: dict = {}
 
-    def logits(self, B: int, like: torch.Tensor, learned: Optional[torch.Tensor], fn: str) -> torch.Tensor:
+    def logits(self, B: int, like: torch.Tensor, learned: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, E) logits of ``like``'s dtype and device, or (B, T, E) where ``learned`` (the gate's
         (B, T, E) logits, given for a :attr:`learned` row) is per token."""
         if self.rows is not None and self.rows != B:
-            raise ValueError(f"{fn}: {KEYWORD} has {self.rows} rows, the batch has {B}: expected one choice "
-                             "per batch row")
+            raise ValueError(f"{self.given} is not accepted for this batch: {self.rows} rows for a batch of {B}; "
+                             "expected one choice per batch row")
         key = (like.dtype, like.device)
         logits = self._cast.get(key)
         if logits is None:
@@ -164,7 +166,7 @@ def _forced(spec, names: list, width: int, where: str, show) -> Forced:
         rows = [[0.0] * width if c is None else _weights(c, names, width, where, show) for c in spec]
         learned = [c is None for c in spec]
         return Forced(torch.tensor(rows, dtype=torch.float64),
-                      torch.tensor(learned) if any(learned) else None)
+                      torch.tensor(learned) if any(learned) else None, f"{where}={show!r}")
     return Forced(torch.tensor(_weights(spec, names, width, where, show), dtype=torch.float64))
 
 
@@ -183,6 +185,9 @@ def parse(spec, names: list, width: int, layers: list, where: str, only=None) ->
     if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence) or not all(is_int(i) for i in chosen):
         raise TypeError(f"{where}: layers={only!r} is not accepted: expected a list of layer indices from "
                         f"{layers} (the patched layers)")
+    if not chosen:                            # forcing no layer is a mistake, not a no-op to allow
+        raise ValueError(f"{where}: layers={only!r} is not accepted: expected a non-empty list of layer indices "
+                         f"from {layers} (the patched layers)")
     wrong = [i for i in chosen if i not in layers]
     if wrong:
         raise ValueError(f"{where}: layer {wrong[0]} is not accepted: the patched layers are {layers}")

@@ -144,7 +144,7 @@ class MixDAFFN(nn.Module):
         frame = self._calls.current()
         forced = forcing.forced_for(frame, self.layer_index)
         learned = None if forced is not None and forced.learned is None else self._learned_logits(z)
-        logits = learned if forced is None else forced.logits(z.shape[0], z, learned, "MixDAFFN.forward")
+        logits = learned if forced is None else forced.logits(z.shape[0], z, learned)
         forcing.record(frame, self.layer_index, logits, z.shape[1] if self.mixda_config.gate == "token" else None)
         return logits
 

@@ -86,42 +86,50 @@ def write_run(run_dir: Path, manifest: dict) -> Path:
 
 
 class _Held(logging.Filter):
-    """Holds back the records a handler would print (:func:`_transformers_quiet`)."""
+    """Holds back the records the ``handlers`` would print (:func:`_transformers_quiet`), and
+    prints them after all on :meth:`release`."""
 
-    def __init__(self):
+    def __init__(self, handlers: list):
         super().__init__()
+        self.handlers = list(handlers)
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
+        if not any(r is record for r in self.records):       # each handler asks: keep it once
+            self.records.append(record)
         return False
+
+    def release(self) -> None:
+        """Print the held records (the filter already removed)."""
+        for record in self.records:
+            for h in self.handlers:
+                h.handle(record)
+        self.records = []
 
 
 @contextlib.contextmanager
 def _transformers_quiet():
     """transformers' own load chatter held back for the block: the LOAD REPORT table, the
     tied-weights note and the like (on every ``from_pretrained`` of transformers 5), and the
-    "Loading weights" progress bar. When the block fails, the held records are printed after all
-    (transformers' error then says "look at the above report")."""
+    "Loading weights" progress bar. Yields the :class:`_Held` records, which the caller may
+    release after the block; when the block fails they are printed after all (transformers'
+    error then says "look at the above report")."""
     from transformers.utils import logging as hf_logging
 
-    handlers = hf_logging.get_logger().handlers       # the library's root logger: its records end there
-    held = _Held()
+    held = _Held(hf_logging.get_logger().handlers)     # the library's root logger: its records end there
     bars = hf_logging.is_progress_bar_enabled()
-    for h in handlers:
+    for h in held.handlers:
         h.addFilter(held)
     hf_logging.disable_progress_bar()
     try:
-        yield
+        yield held
     except BaseException:
-        for h in handlers:
+        for h in held.handlers:
             h.removeFilter(held)
-        for record in held.records:
-            for h in handlers:
-                h.handle(record)
+        held.release()
         raise
     finally:
-        for h in handlers:
+        for h in held.handlers:
             h.removeFilter(held)
         if bars:
             hf_logging.enable_progress_bar()
@@ -129,17 +137,18 @@ def _transformers_quiet():
 
 def load_pretrained(cls, path: Union[str, os.PathLike], *,
                     expected: Callable[[nn.Module, list], list] = lambda model, missing: [], **kwargs):
-    """(model, missing keys): ``cls.from_pretrained(path)`` from local files, without transformers'
-    load report. The keys the checkpoint lacks, except those ``expected(model, missing)`` returns
-    (the caller handles them: an LM head it fits or warns about, a task head that trains), are
-    reported in one warning line instead."""
-    with _transformers_quiet():
+    """(model, missing keys): ``cls.from_pretrained(path)`` from local files. transformers' load
+    report is shown only when the checkpoint lacks keys other than those ``expected(model,
+    missing)`` returns (the caller handles them: an LM head it fits or warns about, a task head
+    that trains): then one warning line names them, and the report follows."""
+    with _transformers_quiet() as held:
         model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True, **kwargs)
     missing = list(info.get("missing_keys", []))
     unexpected = sorted(set(missing) - set(expected(model, missing)))
     if unexpected:
         shown = ", ".join(unexpected[:6]) + (f" and {len(unexpected) - 6} more" if len(unexpected) > 6 else "")
         logger.warning("the checkpoint %s has no weights for %s: they are freshly initialised", path, shown)
+        held.release()
     return model, missing
 
 

@@ -173,6 +173,10 @@ class MixDATrainer(transformers.Trainer):
             check_float(f"MixDATrainer: {name}", value, 0.0)
         if gate_learning_rate is not None:      # None: the learning rate of everything else
             check_float("MixDATrainer: gate_learning_rate", gate_learning_rate, 0.0, lo_open=True)
+            model = kwargs.get("model", args[0] if args else None)
+            if model is not None and not any(p.requires_grad for p in gate_parameters(model)):
+                raise ValueError(f"MixDATrainer: gate_learning_rate={gate_learning_rate!r} is not accepted: the model "
+                                 "has no trainable gate parameter (no gate, a frozen one, or a gate of one entry)")
         self.gate_learning_rate = gate_learning_rate
         with _quantized_with_adapters(kwargs.get("model", args[0] if args else None)):
             super().__init__(*args, **kwargs)

@@ -13,6 +13,7 @@ from mixda_fast.demo.plots import plot_gate_weights
 from mixda_fast.training.data import load_knowledge, load_task, load_texts
 from mixda_fast.training.mixda_stage1 import run_stage1
 from mixda_fast.training.runs import minilm_path
+from tiny_models import randomize_patch
 
 
 def test_demo_data_is_valid_and_the_task_needs_the_knowledge_base(tmp_path):
@@ -63,16 +64,31 @@ def test_demo_table_formats_every_method():
 
 
 def test_gate_weights_plot_is_written_per_layer_and_text_kind(tmp_path, one_thread):
+    """Gate weights per layer and kind of text (sum 1), and the patch's change of each FFN output
+    (above 0 with trained-like adapters, 0 exactly at init under residual mixing); the plot for two gate entries and
+    for the demo's one (residual mixing, K = 1: weight 1 by construction, the change shown)."""
     tok = tf.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     config = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = mf.patch_model(tf.BertForMaskedLM(config).eval(), mf.MixDAConfig(domains=["people", "law"], gate_hidden=16))
     texts = {"facts": ["korvalen always wears red clothes .", "misuthar lives in oslo ."],
              "general text": general_sentences(3)}
-    gate = gate_weight_means(model, tok, texts)
-    assert gate["entries"] == ["people", "law", "ffn"] and list(gate["texts"]) == ["facts", "general text"]
-    assert all(list(per_layer) == [0, 1] and all(abs(sum(w) - 1) < 1e-5 for w in per_layer.values())
-               for per_layer in gate["texts"].values())
-    png = plot_gate_weights(gate, tmp_path / "gate_weights.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    for domains, mixing in ((["people", "law"], "paper"), (["people"], "residual")):
+        torch.manual_seed(0)
+        model = mf.patch_model(tf.BertForMaskedLM(config).eval(),
+                               mf.MixDAConfig(domains=domains, gate_hidden=16, mixing=mixing, adapter_init="normal"))
+        randomize_patch(model)
+        gate = gate_weight_means(model, tok, texts)
+        assert gate["entries"] == domains + (["ffn"] if mixing == "paper" else [])
+        assert list(gate["texts"]) == list(gate["change"]) == ["facts", "general text"]
+        for kind, per_layer in gate["texts"].items():
+            assert list(per_layer) == list(gate["change"][kind]) == [0, 1]
+            assert all(abs(sum(w) - 1) < 1e-5 for w in per_layer.values())
+            assert all(c > 0 for c in gate["change"][kind].values())
+        if mixing == "residual":                          # adapters with zero up-projections: y = f exactly
+            torch.manual_seed(0)
+            fresh = mf.patch_model(tf.BertForMaskedLM(config).eval(),
+                                   mf.MixDAConfig(domains=domains, gate_hidden=16, mixing=mixing))
+            assert all(c == 0.0 for per_layer in gate_weight_means(fresh, tok, texts)["change"].values()
+                       for c in per_layer.values())
+        png = plot_gate_weights(gate, tmp_path / f"gate_weights_{len(domains)}.png")
+        assert png.read_bytes()[:4] == b"\x89PNG"

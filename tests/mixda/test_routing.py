@@ -61,7 +61,7 @@ def test_forcing_a_domain_is_exactly_a_gate_with_all_weight_there(formulation, m
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_mixed_batch_rows_are_exactly_each_row_forced(family, backend):
+def test_mixed_batch_rows_are_exactly_each_row_forced(family, backend, fused_op_calls):
     """Each row of a batch mixing four requests (three domains, one left to the gate) equals that
     row of the whole batch forced to its domain (the same GEMM shapes: exact by construction), and
     each forced row equals that row run alone with its domain forced, bit for bit on this CPU
@@ -78,6 +78,8 @@ def test_mixed_batch_rows_are_exactly_each_row_forced(family, backend):
         inputs = batch(family, B=4, T=8)
         rows = ["bio", "law", None, "news"]
         mixed = _out(model, inputs, mixda_domains=rows)
+        # through the fused op in every layer, by the kernels where the backend asks for them
+        assert fused_op_calls == [backend == "cpp"] * len(mf.mixda_modules(model))
         for b, d in enumerate(rows):
             whole = _out(model, inputs) if d is None else _out(model, inputs, mixda_domains=d)
             assert torch.equal(mixed[b], whole[b])
@@ -224,7 +226,10 @@ def test_rows_of_a_block_checked_at_the_first_layer_and_hooks_gone_after_unpatch
     model = tiny_model("bert")
     pre, post = len(model._forward_pre_hooks), len(model._forward_hooks)
     mf.patch_model(model, mf.MixDAConfig(domains=DOMAINS))
-    with mf.domain_forced(model, ["bio", "law"]), pytest.raises(ValueError, match="2 rows, the batch has 3"):
+    message = r"^domain_forced: domains=\['bio', 'law'\] is not accepted for this batch: 2 rows for a batch of 3;"
+    with mf.domain_forced(model, ["bio", "law"]), pytest.raises(ValueError, match=message):
+        _out(model, batch("bert", B=3, T=8))
+    with mf.domain_forced(model, {1: ["bio", None]}), pytest.raises(ValueError, match=r"domains\[1\]=\['bio', None\]"):
         _out(model, batch("bert", B=3, T=8))
     copied = copy.deepcopy(model)                                  # a copy forces on its own
     inputs = batch("bert")
@@ -261,7 +266,7 @@ def test_unpatched_or_mode_models_and_bad_layers_are_refused():
         with mf.domain_forced(model, "bio"):
             pass
     model = _patched()
-    for layers, exc in (("0", TypeError), ([0, 9], ValueError), ([True], TypeError)):
+    for layers, exc in (("0", TypeError), ([0, 9], ValueError), ([True], TypeError), ([], ValueError)):
         with pytest.raises(exc, match="domain_forced.*layer"):
             with mf.domain_forced(model, "bio", layers=layers):
                 pass

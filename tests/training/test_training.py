@@ -240,3 +240,21 @@ def test_stage2_multiple_choice_head(tmp_path):
     assert run["task"] == "multiple_choice"
     assert evaluate_task(rebuilt, tok2, data, task="multiple_choice") == \
         evaluate_task(model, tok, data, task="multiple_choice")
+
+
+def test_a_gate_learning_rate_without_a_trainable_gate_is_refused(tmp_path):
+    """A gate learning rate for a model whose gates do not train (frozen, or a gate of one entry)
+    would be recorded and do nothing: MixDATrainer refuses it before the Trainer is built."""
+    from mixda_fast.training.trainer import MixDATrainer, training_arguments
+
+    model = mf.patch_model(tiny("bert", head="lm"), mf.MixDAConfig(domains=["d"], mixing="residual"))
+    mf.mark_trainable(model, "domain", domain="d")
+    args = training_arguments(str(tmp_path / "out"), max_steps=1)
+    with pytest.raises(ValueError, match=r"^MixDATrainer: gate_learning_rate=0\.001 is not accepted: the model has "
+                                         r"no trainable gate parameter"):
+        MixDATrainer(model=model, args=args, gate_learning_rate=1e-3)
+    trainer = MixDATrainer(model=model, args=args)                  # without it: one learning rate
+    assert trainer.gate_learning_rate is None
+    paper = mf.patch_model(tiny("bert", head="lm"), mf.MixDAConfig(domains=["d"]))
+    mf.mark_trainable(paper, "domain", domain="d")
+    assert MixDATrainer(model=paper, args=args, gate_learning_rate=1e-3).gate_learning_rate == 1e-3
