@@ -62,6 +62,20 @@ def _as_dataset(data, loader, what: str):
                     f"from mixda_fast.training.{loader.__name__}")
 
 
+def _check_gate_learning_rate(model: nn.Module, config: Optional[MixDAConfig], train_gate: bool,
+                              gate_learning_rate: Optional[float]) -> None:
+    """Refuse a gate learning rate no gate would use (``train_gate=False``, or residual mixing with
+    one domain: a gate of one entry, frozen) before anything is patched or written; MixDATrainer
+    refuses it again on the built model."""
+    if gate_learning_rate is None:
+        return
+    config = patch_config(model) if is_patched(model) else config
+    if not train_gate or (config is not None and config.gate_width == 1):
+        why = "train_gate=False" if not train_gate else "residual mixing with one domain gives a gate of one entry"
+        raise ValueError(f"run_stage1: gate_learning_rate={gate_learning_rate!r} is not accepted: no gate trains "
+                         f"({why}); leave it None")
+
+
 def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os.PathLike], *,
                general=None, domain: str = "domain_0", config: Optional[MixDAConfig] = None,
                knowledge_weight: float = 0.5, old_weight: float = 1.0, old_loss: str = "paper",
@@ -92,6 +106,7 @@ def run_stage1(model: nn.Module, tokenizer, knowledge, output_dir: Union[str, os
     if not isinstance(domain, str) or not domain:
         raise TypeError(f"run_stage1: domain={domain!r} is not accepted: expected a non-empty str")
     check_choice("run_stage1: old_loss", old_loss, OLD_LOSSES)
+    _check_gate_learning_rate(model, config, train_gate, gate_learning_rate)
     output_dir = Path(output_dir)
     if save:                             # refused now, not after training
         check_writable(output_dir, "run_stage1")

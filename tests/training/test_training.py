@@ -258,3 +258,20 @@ def test_a_gate_learning_rate_without_a_trainable_gate_is_refused(tmp_path):
     paper = mf.patch_model(tiny("bert", head="lm"), mf.MixDAConfig(domains=["d"]))
     mf.mark_trainable(paper, "domain", domain="d")
     assert MixDATrainer(model=paper, args=args, gate_learning_rate=1e-3).gate_learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("case", ["train_gate_false", "residual_one_domain", "patched_residual_one_domain"])
+def test_run_stage1_refuses_an_unused_gate_learning_rate_before_any_work(tmp_path, case):
+    """run_stage1 says so before it patches the model or creates the output folder."""
+    model = tiny("bert", head="lm")
+    residual = mf.MixDAConfig(domains=["d"], mixing="residual")
+    config = residual if case == "residual_one_domain" else None
+    if case == "patched_residual_one_domain":
+        mf.patch_model(model, residual)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    out = tmp_path / "s1"
+    with pytest.raises(ValueError, match=r"^run_stage1: gate_learning_rate=0\.001 is not accepted: no gate trains \("):
+        run_stage1(model, word_tokenizer(), ["x"], out, domain="d", config=config, gate_learning_rate=1e-3,
+                   train_gate=case != "train_gate_false")
+    assert not out.exists() and mf.is_patched(model) == (case == "patched_residual_one_domain")
+    assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
