@@ -9,7 +9,7 @@ A method's ``patch`` builds every new module first and then changes the model on
 :class:`Journal` (module swaps, added modules, hooks, clean-up callbacks). If anything fails, the
 journal is undone in reverse and the model is exactly as it was; :func:`unpatch_model` undoes the
 same journal. ``model.config.mixda_fast`` records the method and its config for
-``save_pretrained`` (:func:`mixda_fast.load_patched`).
+transformers' ``model.save_pretrained`` (:func:`mixda_fast.load_patched`).
 
 Every function here accepts a PEFT ``PeftModel`` for the model it wraps (:mod:`.wrappers`): the
 patch lives on the transformers model inside it.
@@ -227,7 +227,7 @@ def patch_model(model: nn.Module, config) -> nn.Module:
 
     Returns ``model``. The base weights keep their values (freeze them with
     :func:`mark_trainable`). ``model.config.mixda_fast`` records the patch for
-    ``save_pretrained`` (:func:`mixda_fast.load_patched`). A PEFT ``PeftModel`` is accepted: its
+    ``model.save_pretrained`` (:func:`mixda_fast.load_patched`). A PEFT ``PeftModel`` is accepted: its
     transformers model is patched, and the PeftModel is returned. Raises TypeError/ValueError naming the
     argument on bad input, and then the model is exactly as it was. See each method's ``patch``
     (:func:`mixda_fast.mixda.patching.patch_mixda`, :func:`mixda_fast.mode.patching.patch_mode`).
