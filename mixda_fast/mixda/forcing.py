@@ -154,7 +154,7 @@ def _weights(choice, names: list, width: int, where: str, show) -> list[float]:
         if len(w) != width:
             bad(f"{len(w)} weights for a gate of {width}")
     else:
-        bad(f"a {type(choice).__name__}", TypeError)
+        bad(f"it is of type {type(choice).__name__}", TypeError)
     if not all(math.isfinite(v) and v >= 0 for v in w) or abs(math.fsum(w) - 1) > SUM_TOLERANCE:
         bad(f"weights {w} are not non-negative and finite with sum 1 (within {SUM_TOLERANCE:g})")
     return w

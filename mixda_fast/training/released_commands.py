@@ -26,7 +26,7 @@ __all__ = ["add_parsers"]
 def add_parsers(sub) -> None:
     """Add both subcommands to the ``mixda-fast`` subparsers ``sub``."""
     i = sub.add_parser("import-released", help="load checkpoints of the released MixDA code into a mixda_fast "
-                                               "adapter file",
+                                               "adapter folder",
                        description="Read torch.save checkpoint(s) of the released MixDA code ('{layer}-{j}-adapter', "
                                    "'{layer}-gating' or one-domain '{layer}-adapter' keys), patch the base model "
                                    "like the released layer (paper mixing, sequence gate at position -1) and write "

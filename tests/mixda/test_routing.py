@@ -200,7 +200,7 @@ def test_training_through_a_forced_domain_reaches_only_its_adapters():
     ({7: "bio"}, "layer 7 is not accepted"),
     ({0: "bio", "law": 1.0}, "mixes layer indices and domain names"),
     (["bio", "law"], "2 rows for a batch of 3"),
-    (3, "a int"),
+    (3, "it is of type int"),
 ])
 def test_bad_choices_are_refused_in_one_line_before_any_work(spec, message):
     model = _patched()
