@@ -144,7 +144,9 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
 
 def read_adapter_config(save_directory: Union[str, os.PathLike], fn: str = "read_adapter_config") -> dict:
     """The checked ``adapter_config.json`` of an adapter folder (``method`` a registered method,
-    ``format_version`` one this package reads, ``config``, ``patch`` and ``model_type`` present)."""
+    ``format_version`` one this package reads, ``config``, ``patch`` and ``model_type`` present).
+    A missing file raises :class:`~.io.AdapterFileNotFoundError`; a PEFT adapter's config, another
+    library's, a newer format or a missing field raise one-line ValueErrors (``fn`` starts them)."""
     path = as_path(save_directory, fn, "save_directory", "folder path") / CONFIG_NAME
     where = f"{fn}: {str(path)!r}"
     try:

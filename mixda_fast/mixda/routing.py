@@ -41,7 +41,9 @@ def domain_forced(model: nn.Module, domains, layers: Optional[Sequence[int]] = N
       enclosing block forced it (then ``layers`` must be None).
 
     Every check is made here, before the block runs (the row count against the batch at the
-    first patched layer). Nested blocks and ``mixda_domains=`` override layer by layer."""
+    first patched layer): a model not patched with MixDA, an unknown domain or layer, weights
+    that are not a distribution over the gate's entries raise one line. Nested blocks and
+    ``mixda_domains=`` override layer by layer."""
     state = mixda_state(model, "domain_forced")
     config = state.config
     forced = parse(domains, list(config.domains), config.gate_width, list(state.layers), "domain_forced: domains",
@@ -56,7 +58,8 @@ def gate_weights(model: nn.Module) -> Iterator[list]:
     """Yields a list that fills, one dict per forward call inside the block, with {layer index:
     softmax gate weights} of every patched layer: (B, E) for the sequence gate, (B, T, E) for
     the token gate, float32, detached; E in the gate's order (domains, then the FFN under paper
-    mixing). Forced layers report the weights they were forced to."""
+    mixing). Forced layers report the weights they were forced to. A model not patched with
+    MixDA is refused (ValueError)."""
     state = mixda_state(model, "gate_weights")
     recorder = GateRecorder()
     with state.calls.choosing({RECORDER: recorder}):
