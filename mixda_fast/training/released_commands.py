@@ -118,7 +118,7 @@ def export_command(args: argparse.Namespace) -> int:
             if meta.get("kind") != "all":
                 raise ValueError(f"--adapters {str(path)!r} holds one domain (kind={meta.get('kind')!r}); expected a "
                                  "whole-patch file (adapters and gates)")
-            model = patch_model(_base_model(args.model), MixDAConfig.from_json(meta["config"], source=str(path)))
+            model = patch_model(_base_model(args.model), MixDAConfig.from_json(meta.get("config", "null"), source=str(path)))
             load_adapters(model, path)
         written = export_released(model, args.output, domain=args.domain)
         return {"written": str(written)}

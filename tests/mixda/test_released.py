@@ -416,6 +416,13 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
                  "--output", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert "mixda_adapters.safetensors' does not exist" in err and err.count("\n") == 1
+    from mixda_fast.core.io import ADAPTERS, save_tensors
+    save_tensors({"t": torch.zeros(1)}, tmp_path / "empty" / "mixda_adapters.safetensors",
+                 {"format": ADAPTERS, "kind": "all"}, "test")       # a whole-patch file without its config
+    assert main(["export-released", "--model", str(ckpt), "--adapters", str(tmp_path / "empty"),
+                 "--output", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixda-fast export-released: error: ") and "data=None" in err and err.count("\n") == 1
     assert not (tmp_path / "x.pt").exists()
 
 
