@@ -1,7 +1,8 @@
-"""Restoring a patched model that ``save_pretrained`` wrote.
+"""Restoring a patched model that transformers' ``model.save_pretrained`` wrote (the whole model;
+an adapter folder of :func:`mixda_fast.save_pretrained` is read by :func:`mixda_fast.from_pretrained`).
 
 ``patch_model`` records the method and its config in ``model.config.mixda_fast``, which
-``save_pretrained`` writes into ``config.json``; each method keeps the base weights under the
+``model.save_pretrained`` writes into ``config.json``; each method keeps the base weights under the
 names a plain ``Model.from_pretrained(d)`` expects (MixDA: :mod:`mixda_fast.mixda.state_dict_names`;
 MoDE adds a module and renames nothing). :func:`load_patched` loads the base model, applies the
 recorded patch through the method registry and loads the patch's tensors from the same
@@ -18,6 +19,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from .adapter_folder import CONFIG_NAME as ADAPTER_CONFIG
 from .io import check_tensors
 from .patch import CONFIG_KEY, method_named, methods, patch_model, unpatch_model
 
@@ -25,7 +27,7 @@ __all__ = ["load_patched"]
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file of a ``save_pretrained`` folder (one file or shards)."""
+    """Tensor name -> safetensors file of a ``model.save_pretrained`` folder (one file or shards)."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
     from safetensors import safe_open
 
@@ -40,7 +42,7 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
     single = folder / SAFE_WEIGHTS_NAME
     if not single.is_file():
         raise FileNotFoundError(f"load_patched: path={str(folder)!r} is not accepted: it holds neither "
-                                f"{SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} (save with save_pretrained)")
+                                f"{SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} (save with model.save_pretrained)")
     with safe_open(str(single), framework="pt") as f:
         return {k: single for k in f.keys()}
 
@@ -55,20 +57,26 @@ def _patch_config(record, where: str):
 
 
 def load_patched(model_class, path: Union[str, os.PathLike], **kwargs) -> nn.Module:
-    """Rebuild a patched model that ``save_pretrained`` wrote: ``model_class.from_pretrained(path,
+    """Rebuild a patched model that ``model.save_pretrained`` wrote: ``model_class.from_pretrained(path,
     **kwargs)`` loads the base model, the patch recorded in ``config.json`` is applied, and the
     adapters, gates (MixDA) or experts (MoDE) are loaded from the same checkpoint, each checked
     (present, same shape, finite) before any is copied.
 
     ``model_class``: a transformers model class (``BertForMaskedLM``, ``AutoModelForCausalLM``...).
+    An adapter folder (``adapter_config.json`` and no ``config.json``: :func:`mixda_fast.save_pretrained`,
+    a stage folder) is refused, pointing to :func:`mixda_fast.from_pretrained`.
     """
     if not callable(getattr(model_class, "from_pretrained", None)):
         raise TypeError(f"load_patched: model_class={model_class!r} is not accepted: expected a transformers "
                         "model class with from_pretrained (e.g. transformers.AutoModelForCausalLM)")
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
         raise FileNotFoundError(f"load_patched: path={path!r} is not accepted: expected the folder "
-                                "save_pretrained wrote")
+                                "model.save_pretrained wrote")
     folder = Path(path)
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+        raise ValueError(f"load_patched: path={str(folder)!r} is not accepted: it is an adapter folder ({ADAPTER_CONFIG}, "
+                         "the patch alone); load it onto the base model with mixda_fast.from_pretrained(base_model, "
+                         "path), or pass a folder that model.save_pretrained wrote")
     import transformers
 
     hf_config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(folder)

@@ -246,3 +246,16 @@ def test_bad_arguments_and_a_bad_recorded_config_are_named_with_the_function(tmp
                                          r"is not accepted"):
         mf.from_pretrained(base, tmp_path / "ad")
     _unchanged(base, before)
+
+
+def test_load_patched_points_an_adapter_folder_to_from_pretrained(tmp_path):
+    """load_patched reads what transformers' model.save_pretrained wrote (the whole model); given an
+    adapter folder (the patch alone) it says which function reads that, in one line."""
+    model = _saved("bert", "mixda", tmp_path / "ad")
+    with pytest.raises(ValueError) as e:
+        mf.load_patched(type(model), tmp_path / "ad")
+    message = str(e.value)
+    assert message.startswith("load_patched: path=") and "is an adapter folder" in message
+    assert "mixda_fast.from_pretrained(base_model, path)" in message and "\n" not in message
+    model.save_pretrained(tmp_path / "whole")                # the folder load_patched reads still loads
+    assert torch.equal(_logits(mf.load_patched(type(model), tmp_path / "whole"), "bert"), _logits(model, "bert"))
