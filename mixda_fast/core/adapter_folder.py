@@ -203,8 +203,10 @@ def _from_legacy(model: nn.Module, folder: Path, fn: str) -> nn.Module:
     if len(found) != 1:
         files = ", ".join([CONFIG_NAME] + [m.legacy_file for m in methods() if m.legacy_file])
         what = f"holds several of {files}" if found else f"holds none of {files}"
+        whole = ("; a folder of transformers' model.save_pretrained (config.json) is read by mixda_fast.load_patched"
+                 if not found and (folder / "config.json").is_file() else "")
         raise AdapterFileNotFoundError(2, f"{fn}: save_directory={str(folder)!r} is not an adapter folder: it {what}; "
-                                          "expected a folder that mixda_fast.save_pretrained wrote", str(folder))
+                                          f"expected a folder that mixda_fast.save_pretrained wrote{whole}", str(folder))
     method = found[0]
     path = folder / method.legacy_file
     meta, _ = read_safetensors(path, method.legacy_format, fn, tensors=False)

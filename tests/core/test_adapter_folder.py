@@ -248,9 +248,10 @@ def test_bad_arguments_and_a_bad_recorded_config_are_named_with_the_function(tmp
     _unchanged(base, before)
 
 
-def test_load_patched_points_an_adapter_folder_to_from_pretrained(tmp_path):
+def test_load_patched_and_from_pretrained_point_to_each_other(tmp_path):
     """load_patched reads what transformers' model.save_pretrained wrote (the whole model); given an
-    adapter folder (the patch alone) it says which function reads that, in one line."""
+    adapter folder (the patch alone) it says which function reads that, in one line; from_pretrained
+    given a whole-model folder says the same the other way."""
     model = _saved("bert", "mixda", tmp_path / "ad")
     with pytest.raises(ValueError) as e:
         mf.load_patched(type(model), tmp_path / "ad")
@@ -259,3 +260,5 @@ def test_load_patched_points_an_adapter_folder_to_from_pretrained(tmp_path):
     assert "mixda_fast.from_pretrained(base_model, path)" in message and "\n" not in message
     model.save_pretrained(tmp_path / "whole")                # the folder load_patched reads still loads
     assert torch.equal(_logits(mf.load_patched(type(model), tmp_path / "whole"), "bert"), _logits(model, "bert"))
+    with pytest.raises(FileNotFoundError, match=r"is not an adapter folder: .*is read by mixda_fast.load_patched"):
+        mf.from_pretrained(tiny_model("bert", head="lm"), tmp_path / "whole")    # and the way back
