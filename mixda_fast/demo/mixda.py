@@ -130,7 +130,10 @@ def gate_weight_means(model, tok, texts: dict, max_length: int = 64) -> dict:
         weights[kind] = {layer: torch.cat([c[layer].reshape(-1, c[layer].shape[-1]) for c in calls]).mean(0).tolist()
                          for layer in layers if calls}      # no calls: the adapters are off, no gate ran
         ratios = [float((y - f).norm() / f.norm()) for y, f in captures]      # layer order, text after text
-        assert len(ratios) == len(layers) * len(batch), "one (y, f) pair per patched layer and text"
+        if len(ratios) != len(layers) * len(batch):           # not an assert: python -O must not skip it
+            raise ValueError(f"gate_weight_means: model gave {len(ratios)} (y, f) pairs for {len(layers)} patched "
+                             f"layers x {len(batch)} {kind} texts; expected one per layer and text (the adapters "
+                             "must be enabled: not inside adapters_disabled)")
         change[kind] = {layer: sum(ratios[i::len(layers)]) / len(batch) for i, layer in enumerate(layers)}
     return {"entries": list(config.domains) + (["ffn"] if config.mixing == "paper" else []), "texts": weights,
             "change": change}

@@ -3,6 +3,7 @@ on it with the MiniLM tokenizer (a tiny model with MiniLM's vocabulary: no real 
 
 import json
 
+import pytest
 import torch
 import transformers as tf
 
@@ -90,5 +91,8 @@ def test_gate_weights_plot_is_written_per_layer_and_text_kind(tmp_path, one_thre
                                    mf.MixDAConfig(domains=domains, gate_hidden=16, mixing=mixing))
             assert all(c == 0.0 for per_layer in gate_weight_means(fresh, tok, texts)["change"].values()
                        for c in per_layer.values())
+            with mf.adapters_disabled(fresh), pytest.raises(ValueError, match=r"^gate_weight_means: model gave 0 "
+                                                                     r"\(y, f\) pairs for 2 patched layers x 2 facts"):
+                gate_weight_means(fresh, tok, texts)        # nothing to measure: said, not a silent empty plot
         png = plot_gate_weights(gate, tmp_path / f"gate_weights_{len(domains)}.png")
         assert png.read_bytes()[:4] == b"\x89PNG"
