@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ..version import __version__
 from .io import AdapterFileNotFoundError, as_path, load_into, read_safetensors, save_tensors, write_atomic, write_json
-from .patch import PatchState, is_patched, method_named, methods, patch_model, patch_state, unpatch_model
+from .patch import PatchState, is_patched, method_named, methods, patch_state, patching
 from .wrappers import unwrap
 
 __all__ = ["save_pretrained", "from_pretrained", "read_adapter_config", "check_writable", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
@@ -186,17 +186,6 @@ def _check_model_type(model: nn.Module, saved, where: str) -> None:
         raise ValueError(f"{where} was saved from model_type={saved!r}; base_model is model_type={have!r}")
 
 
-def _patched_then(model: nn.Module, config, load) -> nn.Module:
-    """Patch ``model`` with ``config`` and run ``load()``; on any error the patch is undone."""
-    patch_model(model, config)
-    try:
-        load()
-    except BaseException:
-        unpatch_model(model)
-        raise
-    return model
-
-
 def _from_legacy(model: nn.Module, folder: Path, fn: str) -> nn.Module:
     """A folder holding a method's whole-patch file (``Method.legacy_file``) and no adapter_config.json."""
     found = [m for m in methods() if m.legacy_file and (folder / m.legacy_file).is_file()]
@@ -215,7 +204,9 @@ def _from_legacy(model: nn.Module, folder: Path, fn: str) -> nn.Module:
         raise ValueError(f"{where} has kind={meta.get('kind')!r}; expected 'all' (a whole {method.title} patch)")
     _check_model_type(model, meta.get("model_type"), where)
     config = method.config_class.from_json(meta.get("config", "null"), source=f"{fn}: {str(path)!r}")
-    return _patched_then(model, config, lambda: method.load_legacy(model, path))
+    with patching(model, config):
+        method.load_legacy(model, path)
+    return model
 
 
 def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLike]) -> nn.Module:
@@ -249,12 +240,10 @@ def from_pretrained(base_model: nn.Module, save_directory: Union[str, os.PathLik
     _check_model_type(base_model, record["model_type"], where)
     config = method.config_class.from_dict(record["config"], source=f"{fn}: {str(folder / CONFIG_NAME)!r}")
     _, tensors = read_safetensors(folder / WEIGHTS_NAME, _WEIGHTS_FORMAT, fn)
-
-    def load() -> None:
+    with patching(base_model, config):
         have = method.describe(base_model)
         if have != record["patch"]:
             raise ValueError(f"{where} does not fit base_model: patch {json.dumps(record['patch'])} in the folder, "
                              f"{json.dumps(have)} on this model")
         load_into(method.tensors(base_model), tensors, f"{fn}: {str(folder / WEIGHTS_NAME)!r}")
-
-    return _patched_then(base_model, config, load)
+    return base_model

@@ -31,7 +31,7 @@ from .model import check_trainable
 from .projections import without_backward
 
 __all__ = ["Method", "PatchState", "Journal", "register_method", "methods", "method_named", "patch_model",
-           "unpatch_model", "mark_trainable", "MARK_OTHERS", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
+           "unpatch_model", "patching", "mark_trainable", "MARK_OTHERS", "is_patched", "patch_state", "check_member", "attribute_set", "CONFIG_KEY", "STATE_ATTR"]
 
 STATE_ATTR = "_mixda_fast_state"
 """Attribute of a patched model that holds its :class:`PatchState`."""
@@ -252,6 +252,18 @@ def patch_model(model: nn.Module, config) -> nn.Module:
         journal.undo()
         raise
     return model
+
+
+@contextlib.contextmanager
+def patching(model: nn.Module, config) -> Iterator[nn.Module]:
+    """:func:`patch_model`, for a block that loads what the patch needs (its tensors from a file):
+    when the block raises, the patch is undone and the model is exactly as it was before."""
+    patch_model(model, config)
+    try:
+        yield model
+    except BaseException:
+        unpatch_model(model)
+        raise
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .adapter_folder import CONFIG_NAME as ADAPTER_CONFIG
 from .io import check_tensors
-from .patch import CONFIG_KEY, method_named, methods, patch_model, unpatch_model
+from .patch import CONFIG_KEY, method_named, methods, patching
 
 __all__ = ["load_patched"]
 
@@ -84,16 +84,12 @@ def load_patched(model_class, path: Union[str, os.PathLike], **kwargs) -> nn.Mod
     files = _checkpoint_files(folder)
     model = model_class.from_pretrained(folder, config=hf_config, **kwargs)
     base_keys = set(model.state_dict())
-    patch_model(model, config)
-    try:
+    with patching(model, config):
         targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in base_keys}
         tensors = _read_checked(files, targets)
         with torch.no_grad():
             for k, t in tensors.items():
                 targets[k].copy_(t)
-    except BaseException:
-        unpatch_model(model)
-        raise
     return model
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from ..core.io import EXPERTS as FORMAT, check_tensors, file_in, load_into, read_safetensors, save_tensors
-from ..core.patch import check_member, is_patched, patch_model, unpatch_model
+from ..core.patch import check_member, is_patched, patching
 from .config import MoDEConfig
 from .patching import mode_blocks, mode_state
 
@@ -232,8 +232,7 @@ def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], 
                         expert_init="copy",
                         freeze_experts=saved.freeze_experts if freeze_experts is None else freeze_experts,
                         execution=saved.execution if execution is None else execution, extra=dict(saved.extra))
-    patch_model(model, config)
-    try:
+    with patching(model, config):
         for f, name in zip(files, names):
             load_experts(model, f, domain=name, gate=False)     # checks every tensor, the gate rows too
         gates = [_read(f, "compose_experts")[1] for f in files] if gate_init == "saved" else []
@@ -252,7 +251,4 @@ def compose_experts(model: nn.Module, paths: Sequence[Union[str, os.PathLike]], 
                     bb_b.append(b[1].float())
                 block.gate.weight[-1] = torch.stack(bb_w).mean(0).to(block.gate.weight)
                 block.gate.bias[-1] = torch.stack(bb_b).mean(0).to(block.gate.bias)
-    except BaseException:
-        unpatch_model(model)
-        raise
     return model
