@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .families import FamilySpec
-from .projections import is_quantized
+from .projections import quantized_modules
 from .wrappers import unwrap
 
 __all__ = ["base_model_of", "layer_list", "head_parameters", "gate_parameters", "count_parameters",
@@ -62,9 +62,9 @@ def check_trainable(model: nn.Module, where: str, head_only: bool = False) -> No
     if base is model:
         return                                           # no head
     skip = {id(m) for m in base.modules()} if base is not None else set()
-    for name, m in model.named_modules():
-        if id(m) in skip or not is_quantized(m):
-            continue
+    found = next(((name, m) for name, m in quantized_modules(model) if id(m) not in skip), None)
+    if found is not None:
+        name, m = found
         bad = next(((n, p) for n, p in m.named_parameters(recurse=False)
                     if not (p.is_floating_point() or p.is_complex())), None)
         what = (f"parameter {(name + '.' if name else '') + bad[0]!r} of dtype {bad[1].dtype}" if bad else
