@@ -171,14 +171,14 @@ class MixDATrainer(transformers.Trainer):
                  gate_learning_rate: Optional[float] = None, **kwargs):
         for name, value in (("knowledge_weight", knowledge_weight), ("old_weight", old_weight)):
             check_float(f"MixDATrainer: {name}", value, 0.0)
+        model = kwargs.get("model", args[0] if args else None)
         if gate_learning_rate is not None:      # None: the learning rate of everything else
             check_float("MixDATrainer: gate_learning_rate", gate_learning_rate, 0.0, lo_open=True)
-            model = kwargs.get("model", args[0] if args else None)
             if model is not None and not any(p.requires_grad for p in gate_parameters(model)):
                 raise ValueError(f"MixDATrainer: gate_learning_rate={gate_learning_rate!r} is not accepted: the model "
                                  "has no trainable gate parameter (no gate, a frozen one, or a gate of one entry)")
         self.gate_learning_rate = gate_learning_rate
-        with _quantized_with_adapters(kwargs.get("model", args[0] if args else None)):
+        with _quantized_with_adapters(model):
             super().__init__(*args, **kwargs)
         if self.args.log_level in ("warning", "error", "critical"):     # quiet: no progress bar, no per-step dicts
             self.remove_callback(transformers.trainer_callback.PrinterCallback)
