@@ -121,18 +121,17 @@ def _transformers_quiet():
     for h in held.handlers:
         h.addFilter(held)
     hf_logging.disable_progress_bar()
+    failed = True
     try:
         yield held
-    except BaseException:
-        for h in held.handlers:
-            h.removeFilter(held)
-        held.release()
-        raise
+        failed = False
     finally:
         for h in held.handlers:
             h.removeFilter(held)
         if bars:
             hf_logging.enable_progress_bar()
+        if failed:                                   # after the filter is gone: printed after all
+            held.release()
 
 
 def load_pretrained(cls, path: Union[str, os.PathLike], *,

@@ -328,6 +328,30 @@ def test_load_report_shown_only_when_weights_outside_the_head_are_missing(tmp_pa
     assert not [r for r in caplog.records if r.name.startswith("mixda_fast")] and not transformers_shown
 
 
+def test_a_failed_load_prints_the_held_back_report(tmp_path, transformers_shown):
+    """transformers' error on a failed load says "look at the above report": the held-back
+    report is printed after all, once, and nothing stays held after the call."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mixda_fast.training.runs import load_lm
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", "bert")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(str(weights))
+    bad = next(k for k in tensors if ".layer.0.output.dense.weight" in k)
+    tensors[bad] = torch.zeros(3, 3)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    transformers_shown.clear()
+    with pytest.raises(RuntimeError, match="look at the above report"):
+        load_lm(ckpt)
+    report = [m for m in transformers_shown if "LOAD REPORT" in m]
+    assert len(report) == 1 and bad in report[0]
+    import logging
+
+    assert not any(h.filters for h in logging.getLogger("transformers").handlers)   # nothing left held back
+
+
 def test_stage2_gradient_checkpointing_trains_the_same_task_adapter(tmp_path):
     from safetensors.torch import load_file
 
