@@ -10,18 +10,15 @@ its domain (the same shapes, so the same host GEMMs). A row run *alone* is not c
 bit here: LoRA's own GEMMs (and the classification head's) round differently at batch 1 than at 4
 even with MixDA off. torch.ao's dynamic int8 quantizes each Linear's input with one scale for the
 whole batch, so its rows depend on each other (the unpatched int8 model's too: measured 1e-2 on
-these tiny models); there a mixed batch is checked against the block and the one-hot gates only.
+32-wide tiny models); there a mixed batch is checked against the block and the one-hot gates only.
 """
-
-import warnings
 
 import pytest
 import torch
-import torch.nn as nn
-import transformers as tf
 
 import mixda_fast as mf
-from tiny_models import CONFIGS, batch, randomize_patch, tiny_model
+from quantized_models import BNB_MISSING, quantized
+from tiny_models import batch, randomize_patch, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -110,39 +107,13 @@ def _lora_ffn():
     return _lora(model, ["gate_proj", "up_proj", "down_proj"], peft.TaskType.CAUSAL_LM)
 
 
-def _int8(family):
-    model = torch.ao.quantization.quantize_dynamic(tiny_model(family, head="lm"), {nn.Linear}, dtype=torch.qint8)
-    return mf.patch_model(model, _config())
-
-
-def _bnb(bits: int, family: str, folder):
-    """A tiny 64-wide model (bitsandbytes' CPU 4-bit kernel needs in_features >= 64) loaded in
-    ``bits`` through BitsAndBytesConfig, patched; skipped where bitsandbytes does not run."""
-    pytest.importorskip("bitsandbytes")
-    config = CONFIGS[family]()
-    config.hidden_size, config.intermediate_size = 64, 128
-    if family == "llama":
-        config.head_dim, config.pad_token_id = 32, 0
-    cls = tf.AutoModelForCausalLM if family == "llama" else tf.AutoModelForMaskedLM
-    torch.manual_seed(0)
-    cls.from_config(config).save_pretrained(folder)
-    q = (tf.BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
-         tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = cls.from_pretrained(folder, quantization_config=q, device_map="cpu").eval()
-            model(**batch(family, B=1, T=4))
-    except Exception as e:  # noqa: BLE001 - any failure of bitsandbytes here is a reason to skip
-        pytest.skip(f"bitsandbytes does not run on this CPU ({type(e).__name__}: {e})")
-    return mf.patch_model(model, _config())
-
-
 @pytest.mark.parametrize("host", ["lora_ffn", "int8_bert", "int8_llama", "bnb8_bert", "bnb4_llama"])
 def test_forcing_is_exact_on_the_folded_path_of_wrapped_and_quantized_hosts(host, fused_op_calls, tmp_path):
     kind, family = host.split("_") if host != "lora_ffn" else ("lora", "llama")
-    model = {"lora": _lora_ffn, "int8": lambda: _int8(family),
-             "bnb8": lambda: _bnb(8, family, tmp_path), "bnb4": lambda: _bnb(4, family, tmp_path)}[kind]()
+    if kind.startswith("bnb") and BNB_MISSING:
+        pytest.skip(BNB_MISSING)
+    model = _lora_ffn() if kind == "lora" else mf.patch_model(
+        quantized({"int8": "ao"}.get(kind, kind), family, tmp_path), _config())
     randomize_patch(model, std=0.5)
     assert not any(m.host.fusable() for m in mf.mixda_modules(model).values())
     inputs = batch(family, B=4, T=8)
